@@ -1,0 +1,95 @@
+"""Non-sequential baselines scored with the same interface and split as the transformer.
+
+Every scorer maps a batch of histories (lists of item rows) to a (B, n_items) score matrix
+whose column *j* is item row *j + 1*. Evaluation excludes seen items afterwards, so the
+scorers don't have to.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class Scorer(Protocol):
+    """Anything that scores all items for a batch of histories."""
+
+    name: str
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+        """Return (B, n_items) scores."""
+        ...
+
+
+def interaction_matrix(histories: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """Binary (users, n_items) matrix from item-row histories (row 0, padding, is dropped)."""
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.concatenate(histories) if histories else np.zeros(0, np.int64)
+    keep = cols > 0
+    m = sp.csr_matrix((np.ones(keep.sum(), np.float32), (rows[keep], cols[keep] - 1)), shape=(len(histories), n_items))
+    m.data[:] = 1.0  # duplicates collapse to 1
+    return m
+
+
+class MostPopular:
+    """Rank by the number of training users who interacted with each item."""
+
+    name = "most_popular"
+
+    def __init__(self, train: list[np.ndarray], n_items: int) -> None:
+        self.popularity = np.asarray(interaction_matrix(train, n_items).sum(axis=0)).ravel().astype(np.float32)
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:  # noqa: D102
+        return np.broadcast_to(self.popularity, (len(histories), len(self.popularity))).copy()
+
+
+class ItemKNN:
+    """Item-based collaborative filtering: cosine item-item similarity, top-``neighbours`` kept."""
+
+    name = "item_knn"
+
+    def __init__(self, train: list[np.ndarray], n_items: int, neighbours: int = 100, shrink: float = 10.0) -> None:
+        x = interaction_matrix(train, n_items)
+        co = (x.T @ x).toarray().astype(np.float32)  # (n, n) co-occurrence counts
+        norms = np.sqrt(np.diag(co))
+        sim = co / (np.outer(norms, norms) + shrink)
+        np.fill_diagonal(sim, 0.0)
+        if neighbours < n_items:
+            # Keep each item's strongest neighbours: the classic item-kNN sparsification.
+            cut = np.partition(sim, -neighbours, axis=1)[:, -neighbours][:, None]
+            sim = np.where(sim >= cut, sim, 0.0)
+        self.similarity = sim
+        self.n_items = n_items
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:  # noqa: D102
+        return np.asarray(interaction_matrix(histories, self.n_items) @ self.similarity)
+
+
+class EASE:
+    """Embarrassingly Shallow Autoencoder (Steck, 2019): closed-form item-item weights."""
+
+    name = "ease"
+
+    def __init__(self, train: list[np.ndarray], n_items: int, l2: float = 250.0) -> None:
+        x = interaction_matrix(train, n_items)
+        gram = (x.T @ x).toarray().astype(np.float64)
+        gram[np.diag_indices(n_items)] += l2
+        p = np.linalg.inv(gram)
+        b = p / (-np.diag(p))
+        np.fill_diagonal(b, 0.0)
+        self.weights = b.astype(np.float32)
+        self.n_items = n_items
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:  # noqa: D102
+        return np.asarray(interaction_matrix(histories, self.n_items) @ self.weights)
+
+
+def build_baselines(names: list[str], train: list[np.ndarray], n_items: int) -> list[Scorer]:
+    """Instantiate baselines by name, fitted on the training histories."""
+    registry = {"most_popular": MostPopular, "item_knn": ItemKNN, "ease": EASE}
+    unknown = set(names) - set(registry)
+    if unknown:
+        raise ValueError(f"gate.baselines: unknown baseline(s) {sorted(unknown)}; choose from {sorted(registry)}")
+    return [registry[n](train, n_items) for n in names]

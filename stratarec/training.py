@@ -1,0 +1,387 @@
+"""Training loop for the sequential recommender: full-softmax cross-entropy, early stopping
+on validation NDCG@10, a checkpoint every epoch, resume after a kill, and warm start.
+
+Full cross-entropy over the whole catalogue is what lifts SASRec from ~0.13 to ~0.18
+NDCG@10 on ML-1M (Klenitskiy & Vasilev, RecSys 2023); with catalogues of a few thousand
+items it is also cheap enough for a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stratarec.config import ModelConfig, TrainConfig
+from stratarec.evaluation.metrics import ndcg_at_k
+from stratarec.evaluation.ranking import rank_top_k
+from stratarec.model.sequential import Architecture, SequentialRecommender, load_model, save_model
+from stratarec.sequences import ItemIndex, SequenceSplit, pad_right
+
+log = logging.getLogger(__name__)
+
+ITEM_IDS_FILE = "item_ids.json"
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """CUDA when asked for or available, else CPU. Asking for CUDA without one is an error."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch.cuda.is_available() is False")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """Mixed precision on CUDA: bf16 where supported (no scaler needed), else fp16 with a GradScaler."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that drives batch order and masking."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class ModelScorer:
+    """Adapts a trained model to the ``Scorer`` protocol used by evaluation."""
+
+    name = "candidate"
+
+    def __init__(self, model: SequentialRecommender, device: torch.device | str = "cpu", batch_size: int = 512) -> None:
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        # Bidirectional models append a mask token, so they see one fewer history item.
+        self.history_len = model.arch.max_len - (1 if model.arch.kind == "bidirectional" else 0)
+
+    @torch.inference_mode()
+    def user_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, d) interest vectors; empty histories get the zero vector."""
+        out = []
+        for start in range(0, len(histories), self.batch_size):
+            items, lengths = pad_right(histories[start : start + self.batch_size], self.history_len)
+            states = self.model.user_states(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device))
+            states = torch.where(torch.from_numpy(lengths > 0).to(self.device)[:, None], states, torch.zeros_like(states))
+            out.append(states.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.arch.hidden_size), np.float32)
+
+    @torch.inference_mode()
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, n_items) scores for a batch of histories."""
+        out = []
+        for start in range(0, len(histories), self.batch_size):
+            items, lengths = pad_right(histories[start : start + self.batch_size], self.history_len)
+            states = self.model.user_states(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device))
+            out.append(self.model.logits(states).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.arch.n_items), np.float32)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: SequentialRecommender
+    best_val_ndcg: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    device: str
+    history: list[dict] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    warm_started: bool = False
+
+
+def _causal_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut each history into windows of up to ``max_len + 1`` items, newest first, so long
+    histories contribute all their transitions rather than only the last ``max_len``."""
+    windows = []
+    for seq in train:
+        end = len(seq)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            windows.append(seq[start:end])
+            end = start + 1 if start > 0 else 0
+    return windows
+
+
+def _masked_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    windows = []
+    for seq in train:
+        end = len(seq)
+        while end >= 1:
+            start = max(0, end - max_len)
+            windows.append(seq[start:end])
+            end = start
+    return windows
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+    order = torch.randperm(n, generator=generator).numpy()
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    items, lengths = pad_right(windows, model.arch.max_len + 1)
+    x = torch.from_numpy(items[:, :-1]).to(device)  # (B, T)
+    y = torch.from_numpy(items[:, 1:]).to(device)  # (B, T) next item, 0 = padding
+    mask = (x > 0).long()
+    hidden = model.encode(x, mask)  # (B, T, d)
+    logits = model.logits(hidden)  # (B, T, n_items)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), (y - 1).reshape(-1), ignore_index=-1)
+
+
+def _masked_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, generator: torch.Generator, mask_prob: float = 0.2) -> torch.Tensor:
+    items, lengths = pad_right(windows, model.arch.max_len)
+    x = torch.from_numpy(items)
+    real = x > 0
+    masked = (torch.rand(x.shape, generator=generator) < mask_prob) & real
+    # Always mask the last real item of some windows: that is exactly the inference task.
+    last = torch.from_numpy(np.maximum(lengths - 1, 0))
+    tail = torch.rand(len(x), generator=generator) < 0.3
+    masked[torch.arange(len(x))[tail], last[tail]] = True
+    masked &= real
+    y = torch.where(masked, x, torch.zeros_like(x)).to(device)
+    x = torch.where(masked, torch.full_like(x, model.mask_token), x).to(device)
+    hidden = model.encode(x, real.long().to(device))
+    sel = masked.to(device)
+    logits = model.logits(hidden[sel])  # (M, n_items)
+    return nn.functional.cross_entropy(logits.float(), y[sel] - 1)
+
+
+def validation_ndcg(model: SequentialRecommender, split: SequenceSplit, device: torch.device, k: int = 10) -> float:
+    """Mean NDCG@K on the validation targets, seen training items excluded."""
+    keep = np.flatnonzero(split.val_targets > 0)
+    if len(keep) == 0:
+        return 0.0
+    inputs = [split.train[i] for i in keep]
+    ranked = rank_top_k(ModelScorer(model, device), inputs, inputs, k)
+    return float(ndcg_at_k(ranked, split.val_targets[keep], k).mean())
+
+
+def warm_start_model(model: SequentialRecommender, source_dir: Path, index: ItemIndex) -> int:
+    """Copy weights from a previous model, matching item rows by external item id.
+
+    Items new to the catalogue keep their zero ID row, so they start from text alone.
+
+    Returns:
+        Number of item rows carried over.
+    """
+    old = load_model(source_dir)
+    old_ids = np.asarray(json.loads((source_dir / ITEM_IDS_FILE).read_text()), dtype=np.int64)
+    if old.arch.hidden_size != model.arch.hidden_size or old.arch.kind != model.arch.kind:
+        raise ValueError("warm start needs the same model.architecture and model.hidden_size as the production model")
+    state = {k: v for k, v in old.state_dict().items() if k not in ("text_embeddings", "id_embedding.weight")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"warm start: unexpected weights {unexpected}")
+    new_rows = index.to_index(old_ids)  # where each old item lives now (0 = dropped)
+    keep = new_rows > 0
+    with torch.no_grad():
+        src = old.id_embedding.weight
+        model.id_embedding.weight[new_rows[keep]] = src[np.flatnonzero(keep) + 1]
+    return int(keep.sum())
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"param_groups": json.dumps(sd["param_groups"])})
+    tmp.replace(path)
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def train_sequential(
+    split: SequenceSplit,
+    index: ItemIndex,
+    text_embeddings: np.ndarray | None,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    init_from: Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train (or fine-tune) the sequential recommender.
+
+    Args:
+        split: Training histories and validation targets (item rows).
+        index: Item catalogue; its size fixes the output layer.
+        text_embeddings: (n_items, text_dim) vectors aligned with ``index``; required when
+            ``model_cfg.text_init``.
+        model_cfg: Architecture.
+        train_cfg: Optimisation, seed, device, time budget.
+        checkpoint_dir: Where the per-epoch checkpoint lives. If it holds a checkpoint of
+            the same run, training resumes from it.
+        init_from: A saved model to warm-start from (weights matched by item id).
+        progress: Called after every epoch with a dict of epoch stats.
+
+    Returns:
+        The best model (by validation NDCG@10) and its training history.
+    """
+    if model_cfg.text_init and text_embeddings is None:
+        raise ValueError("model.text_init is true but no item text embeddings were given")
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    device = resolve_device(train_cfg.device)
+    generator = seed_everything(train_cfg.seed)
+    text_dim = text_embeddings.shape[1] if text_embeddings is not None else 1
+    arch = Architecture.from_config(model_cfg, len(index), text_dim)
+    model = SequentialRecommender(arch, text_embeddings if text_embeddings is not None else None)
+    warm = False
+    if init_from is not None:
+        carried = warm_start_model(model, Path(init_from), index)
+        warm = True
+        log.info("warm start from %s: %d item rows carried over", init_from, carried)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    autocast, scaler = autocast_for(device, train_cfg.mixed_precision)
+    max_epochs = train_cfg.warm_start_epochs if warm else train_cfg.epochs
+
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    state_path = checkpoint_dir / "state.json"
+    run_key = {"arch": arch.__dict__, "seed": train_cfg.seed, "n_users": len(split.users), "warm": warm}
+    history: list[dict] = []
+    start_epoch, best_ndcg, best_epoch, stale = 0, -1.0, 0, 0
+    resumed_from = 0
+    if state_path.exists():
+        saved = json.loads(state_path.read_text())
+        if saved.get("run_key") == json.loads(json.dumps(run_key, default=str)):
+            model.load_state_dict(load_file(str(checkpoint_dir / "last" / "model.safetensors"), device=str(device)))
+            _load_optimizer(optimizer, checkpoint_dir / "optimizer.safetensors")
+            torch.set_rng_state(load_file(str(checkpoint_dir / "rng.safetensors"))["cpu"])
+            generator.set_state(load_file(str(checkpoint_dir / "rng.safetensors"))["generator"])
+            history = saved["history"]
+            start_epoch = resumed_from = saved["epoch"]
+            best_ndcg, best_epoch, stale = saved["best_ndcg"], saved["best_epoch"], saved["stale"]
+            log.info("resuming from epoch %d (best NDCG@10 %.4f at epoch %d)", start_epoch, best_ndcg, best_epoch)
+        else:
+            log.info("checkpoint in %s belongs to another run; starting fresh", checkpoint_dir)
+
+    if arch.kind == "causal":
+        windows = _causal_windows(split.train, arch.max_len)
+    else:
+        windows = _masked_windows(split.train, arch.max_len)
+    if not windows:
+        raise ValueError("no training sequences: every user needs at least 2 training events")
+
+    began = time.monotonic()
+    budget = train_cfg.max_minutes * 60.0
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, max_epochs + 1):
+        model.train()
+        t0 = time.monotonic()
+        total, batches = 0.0, 0
+        for batch_idx in _batches(len(windows), train_cfg.batch_size, generator):
+            chunk = [windows[i] for i in batch_idx]
+            with autocast:
+                if arch.kind == "causal":
+                    loss = _causal_loss(model, chunk, device)
+                else:
+                    loss = _masked_loss(model, chunk, device, generator)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                optimizer.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
+            total += loss.item()
+            batches += 1
+        ndcg = validation_ndcg(model, split, device)
+        improved = ndcg > best_ndcg
+        if improved:
+            best_ndcg, best_epoch, stale = ndcg, epoch, 0
+            save_model(model, checkpoint_dir / "best")
+        else:
+            stale += 1
+        elapsed = time.monotonic() - began
+        stats = {"epoch": epoch, "loss": total / max(batches, 1), "val_ndcg@10": ndcg, "seconds": time.monotonic() - t0, "elapsed": elapsed}
+        history.append(stats)
+        # Checkpoint every epoch: weights, optimizer and RNG in safetensors, counters in JSON.
+        save_model(model, checkpoint_dir / "last")
+        _save_optimizer(optimizer, checkpoint_dir / "optimizer.safetensors")
+        save_file({"cpu": torch.get_rng_state(), "generator": generator.get_state()}, str(checkpoint_dir / "rng.safetensors.tmp"))
+        os.replace(checkpoint_dir / "rng.safetensors.tmp", checkpoint_dir / "rng.safetensors")
+        _write_json_atomic(
+            state_path,
+            {"run_key": run_key, "epoch": epoch, "best_ndcg": best_ndcg, "best_epoch": best_epoch, "stale": stale, "history": history},
+        )
+        if progress is not None:
+            progress(stats)
+        log.info("epoch %d loss %.4f val NDCG@10 %.4f (%.1fs)", epoch, stats["loss"], ndcg, stats["seconds"])
+        if stale >= train_cfg.patience:
+            log.info("early stop: no validation gain for %d epochs", stale)
+            break
+        if elapsed > budget:
+            log.info("time budget of %.1f min reached", train_cfg.max_minutes)
+            break
+
+    best = load_model(checkpoint_dir / "best", device) if (checkpoint_dir / "best").exists() else model.eval()
+    return TrainResult(
+        model=best,
+        best_val_ndcg=best_ndcg,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        seconds=time.monotonic() - began,
+        device=str(device),
+        history=history,
+        resumed_from_epoch=resumed_from,
+        warm_started=warm,
+    )
+
+
+def save_trained_model(model: SequentialRecommender, index: ItemIndex, directory: Path) -> None:
+    """Save weights, architecture and the item-id order the rows follow."""
+    save_model(model, directory)
+    tmp = directory / (ITEM_IDS_FILE + ".tmp")
+    tmp.write_text(json.dumps(index.item_ids.tolist()))
+    tmp.replace(directory / ITEM_IDS_FILE)
