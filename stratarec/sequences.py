@@ -146,3 +146,38 @@ def pad_right(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndar
         if lengths[i]:
             out[i, : lengths[i]] = s[-lengths[i] :]
     return out, lengths
+
+
+TRAIN_ITEMS = "train_items"
+VAL_ITEM = "val_item"
+TEST_ITEM = "test_item"
+
+
+def split_to_frame(split: SequenceSplit, index: ItemIndex) -> pd.DataFrame:
+    """Serialise a split with external item ids (val/test -1 when absent)."""
+    def ext(rows: np.ndarray) -> np.ndarray:
+        return np.where(rows > 0, index.item_ids[np.maximum(rows, 1) - 1], -1)
+
+    return pd.DataFrame(
+        {
+            USER_ID: np.asarray(split.users, dtype=np.int64),
+            TRAIN_ITEMS: [index.to_ids(h).tolist() for h in split.train],
+            VAL_ITEM: ext(split.val_targets),
+            TEST_ITEM: ext(split.test_targets),
+        }
+    )
+
+
+def split_from_frame(frame: pd.DataFrame, index: ItemIndex, window: tuple[str, str] = ("", "")) -> SequenceSplit:
+    """Inverse of :func:`split_to_frame`; items missing from ``index`` are dropped."""
+    train = []
+    for items in frame[TRAIN_ITEMS]:
+        rows = index.to_index(np.asarray(list(items), dtype=np.int64))
+        train.append(rows[rows > 0])
+    return SequenceSplit(
+        users=frame[USER_ID].to_numpy(dtype=np.int64),
+        train=train,
+        val_targets=index.to_index(frame[VAL_ITEM].to_numpy(dtype=np.int64)),
+        test_targets=index.to_index(frame[TEST_ITEM].to_numpy(dtype=np.int64)),
+        window=window,
+    )
