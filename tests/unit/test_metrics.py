@@ -1,0 +1,84 @@
+"""Metric functions against answers worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from stratarec.evaluation.metrics import (
+    catalogue_coverage,
+    intra_list_diversity,
+    mrr_at_k,
+    ndcg_at_k,
+    novelty,
+    recall_at_k,
+)
+from stratarec.evaluation.ranking import evaluate_scorer, rank_top_k
+
+pytestmark = pytest.mark.unit
+
+
+def test_ndcg_hand_computed():
+    ranked = np.array([[5, 3, 9], [1, 2, 3], [7, 8, 9]])
+    targets = np.array([5, 3, 4])
+    # rank 1 -> 1/log2(2) = 1; rank 3 -> 1/log2(4) = 0.5; absent -> 0
+    np.testing.assert_allclose(ndcg_at_k(ranked, targets, 3), [1.0, 0.5, 0.0])
+    # with K=2 the rank-3 hit no longer counts
+    np.testing.assert_allclose(ndcg_at_k(ranked, targets, 2), [1.0, 0.0, 0.0])
+
+
+def test_ndcg_of_perfect_ranking_is_one():
+    ranked = np.arange(1, 11)[None, :]
+    assert ndcg_at_k(ranked, np.array([1]), 10)[0] == 1.0
+
+
+def test_recall_and_mrr_hand_computed():
+    ranked = np.array([[4, 2, 6, 8], [1, 2, 3, 4]])
+    targets = np.array([6, 9])
+    np.testing.assert_allclose(recall_at_k(ranked, targets, 4), [1.0, 0.0])
+    np.testing.assert_allclose(mrr_at_k(ranked, targets, 4), [1 / 3, 0.0])
+    np.testing.assert_allclose(mrr_at_k(ranked, targets, 2), [0.0, 0.0])
+
+
+def test_coverage_counts_distinct_items():
+    ranked = np.array([[0, 1], [1, 2]])
+    assert catalogue_coverage(ranked, n_items=6, k=2) == pytest.approx(3 / 6)
+
+
+def test_diversity_identical_and_orthogonal_items():
+    vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # items 0 and 1 identical -> distance 0; items 0 and 2 orthogonal -> distance 1
+    np.testing.assert_allclose(intra_list_diversity(np.array([[0, 1], [0, 2]]), vectors, 2), [0.0, 1.0])
+
+
+def test_novelty_self_information():
+    pop = np.array([4, 1])  # 4 of 4 users saw item 0 -> 0 bits; 1 of 4 saw item 1 -> 2 bits
+    np.testing.assert_allclose(novelty(np.array([[0, 1]]), pop, n_users=4, k=2), [1.0])
+
+
+class _FixedScorer:
+    name = "fixed"
+
+    def __init__(self, scores):
+        self.scores = np.asarray(scores, dtype=np.float32)
+
+    def score(self, histories):
+        return np.repeat(self.scores[None, :], len(histories), axis=0)
+
+
+def test_rank_excludes_seen_items():
+    scorer = _FixedScorer([5.0, 4.0, 3.0, 2.0, 1.0])  # items 1..5 best first
+    ranked = rank_top_k(scorer, [np.array([1, 2])], [np.array([1, 2])], k=2)
+    assert ranked.tolist() == [[3, 4]]
+
+
+def test_evaluate_scorer_overall_and_slice():
+    scorer = _FixedScorer([5.0, 4.0, 3.0, 2.0, 1.0])
+    histories = [np.array([1]), np.array([2]), np.array([5])]
+    targets = np.array([2, 1, 0])  # third user has no target and is ignored
+    report = evaluate_scorer(scorer, histories, histories, targets, 2, 5, slices={"first": np.array([True, False, False])})
+    # user 1: seen {1} -> ranks [2,3] -> target 2 at rank 1; user 2: seen {2} -> [1,3] -> rank 1
+    assert report["overall"]["ndcg@2"] == pytest.approx(1.0)
+    assert report["overall"]["users"] == 2
+    assert report["first"]["users"] == 1
+    assert math.isclose(report["overall"]["coverage@2"], 3 / 5)

@@ -1,0 +1,75 @@
+"""Split, padding and the non-sequential baselines."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stratarec.baselines import EASE, ItemKNN, MostPopular, build_baselines
+from stratarec.sequences import ItemIndex, leave_last_out_cutoffs, pad_right, split_from_events, split_from_frame, split_to_frame
+
+pytestmark = pytest.mark.unit
+
+
+def _events(rows):
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"]).assign(
+        event_timestamp=lambda d: pd.to_datetime(d.event_timestamp, unit="s", utc=True)
+    )
+
+
+def test_leave_last_out_split_by_order():
+    ev = _events([(1, 10, 1), (1, 20, 2), (1, 30, 3), (1, 40, 4), (2, 10, 1), (2, 20, 2)])
+    idx = ItemIndex(np.array([10, 20, 30, 40]))
+    split = split_from_events(ev, idx)
+    assert split.users.tolist() == [1, 2]
+    assert split.train[0].tolist() == [1, 2]  # items 10, 20
+    assert split.val_targets.tolist() == [3, 0]
+    assert split.test_targets.tolist() == [4, 0]
+    assert split.train[1].tolist() == [1, 2]  # fewer than 3 events: all train
+    assert split.test_inputs()[0].tolist() == [1, 2, 3]
+    cut = leave_last_out_cutoffs(ev).set_index("user_id")
+    assert cut.loc[1, "test_item"] == 40 and cut.loc[1, "val_item"] == 30 and cut.loc[2, "test_item"] == -1
+
+
+def test_split_frame_round_trip():
+    ev = _events([(1, 10, 1), (1, 20, 2), (1, 30, 3), (2, 30, 1), (2, 10, 2), (2, 20, 3)])
+    idx = ItemIndex(np.array([10, 20, 30]))
+    split = split_from_events(ev, idx)
+    back = split_from_frame(split_to_frame(split, idx), idx)
+    assert [t.tolist() for t in back.train] == [t.tolist() for t in split.train]
+    assert back.test_targets.tolist() == split.test_targets.tolist()
+
+
+def test_split_rejects_interleaved_users():
+    ev = _events([(1, 10, 1), (2, 20, 2), (1, 30, 3)])
+    with pytest.raises(ValueError, match="grouped by user"):
+        split_from_events(ev, ItemIndex(np.array([10, 20, 30])))
+
+
+def test_pad_right_keeps_most_recent():
+    items, lengths = pad_right([np.array([1, 2, 3, 4]), np.array([5])], 3)
+    assert items.tolist() == [[2, 3, 4], [5, 0, 0]]
+    assert lengths.tolist() == [3, 1]
+
+
+def test_item_index_unknown_ids_map_to_padding():
+    idx = ItemIndex(np.array([7, 3]))
+    assert idx.to_index([3, 99, 7]).tolist() == [2, 0, 1]
+    assert idx.to_ids(np.array([1, 2])).tolist() == [7, 3]
+
+
+def test_most_popular_counts_users():
+    train = [np.array([1, 2]), np.array([2]), np.array([2, 3])]
+    assert MostPopular(train, 3).score([np.array([1])])[0].tolist() == [1.0, 3.0, 1.0]
+
+
+def test_item_knn_and_ease_recover_co_occurrence():
+    # items 1 and 2 always co-occur; item 3 alone
+    train = [np.array([1, 2]), np.array([1, 2]), np.array([3]), np.array([1, 2])]
+    for model in (ItemKNN(train, 3, neighbours=2), EASE(train, 3, l2=1.0)):
+        s = model.score([np.array([1])])[0]
+        assert s[1] > s[2], model.name  # item 2 scores above item 3 for a user who saw item 1
+
+
+def test_build_baselines_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown baseline"):
+        build_baselines(["nope"], [np.array([1])], 1)

@@ -1,0 +1,141 @@
+"""Training behaviour: beats most-popular, never recommends seen items, resumes after a kill, warm-starts."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from stratarec.baselines import MostPopular
+from stratarec.config import ModelConfig, TrainConfig
+from stratarec.evaluation.ranking import evaluate_scorer, rank_top_k
+from stratarec.sequences import ItemIndex, SequenceSplit
+from stratarec.training import ModelScorer, save_trained_model, train_sequential
+
+pytestmark = pytest.mark.unit
+
+N_ITEMS = 60
+
+
+def walk_split(n_users=160, n_items=N_ITEMS, seed=0):
+    """Users walk through items in steps of 1 or 2: strongly sequential, weakly popular."""
+    rng = np.random.default_rng(seed)
+    train, val, test = [], [], []
+    for _ in range(n_users):
+        start, step, length = rng.integers(1, n_items), rng.choice([1, 2]), rng.integers(8, 20)
+        seq = (start + np.arange(length) * step) % n_items + 1
+        train.append(seq[:-2])
+        val.append(seq[-2])
+        test.append(seq[-1])
+    return SequenceSplit(users=np.arange(n_users), train=train, val_targets=np.array(val), test_targets=np.array(test))
+
+
+def text_for(n_items=N_ITEMS, dim=16, seed=1):
+    return np.random.default_rng(seed).normal(size=(n_items, dim)).astype(np.float32)
+
+
+FAST = TrainConfig(epochs=12, patience=20, learning_rate=5e-3, batch_size=64, seed=3)
+SMALL = ModelConfig(hidden_size=32, num_heads=2, num_layers=1, max_len=20, dropout=0.1)
+
+
+def test_tiny_training_beats_most_popular(tmp_path):
+    split = walk_split()
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    res = train_sequential(split, idx, text_for(), SMALL, FAST, tmp_path / "ck")
+    inputs = split.test_inputs()
+    ours = evaluate_scorer(ModelScorer(res.model), inputs, inputs, split.test_targets, 10, N_ITEMS)["overall"]["ndcg@10"]
+    pop = evaluate_scorer(MostPopular(split.train, N_ITEMS), inputs, inputs, split.test_targets, 10, N_ITEMS)["overall"]["ndcg@10"]
+    assert ours > pop + 0.05, (ours, pop)
+    assert res.best_epoch >= 1 and len(res.history) == res.epochs_run
+
+
+def test_model_never_recommends_seen_items(tmp_path):
+    split = walk_split(n_users=40)
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    res = train_sequential(split, idx, None, SMALL.model_copy(update={"text_init": False}), FAST.model_copy(update={"epochs": 2}), tmp_path / "ck")
+    inputs = split.test_inputs()
+    ranked = rank_top_k(ModelScorer(res.model), inputs, inputs, k=N_ITEMS - 25)
+    for row, seen in zip(ranked, inputs, strict=True):
+        assert not set(row.tolist()) & set(seen.tolist())
+
+
+def test_bidirectional_variant_trains(tmp_path):
+    split = walk_split(n_users=60)
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    res = train_sequential(split, idx, text_for(), SMALL.model_copy(update={"architecture": "bidirectional"}), FAST.model_copy(update={"epochs": 2}), tmp_path / "ck")
+    scores = ModelScorer(res.model).score(split.test_inputs()[:3])
+    assert scores.shape == (3, N_ITEMS) and np.isfinite(scores).all()
+
+
+RUNNER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from unit.test_training import walk_split, text_for, SMALL
+    from stratarec.config import TrainConfig
+    from stratarec.sequences import ItemIndex
+    from stratarec.training import train_sequential
+    cfg = TrainConfig(epochs=6, patience=20, learning_rate=5e-3, batch_size=64, seed=3)
+    train_sequential(walk_split(), ItemIndex(np.arange(1, 61)), text_for(), SMALL, cfg, {ck!r},
+                     progress=lambda s: time.sleep(0.5))
+    """
+)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    ck = tmp_path / "ck"
+    script = RUNNER.format(tests=os.path.dirname(os.path.dirname(__file__)), ck=str(ck))
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    state = ck / "state.json"
+    deadline = time.monotonic() + 120
+    import json
+
+    while time.monotonic() < deadline:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training subprocess exited early with {proc.returncode}")
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert 2 <= killed_at < 6
+
+    cfg = TrainConfig(epochs=6, patience=20, learning_rate=5e-3, batch_size=64, seed=3)
+    resumed = train_sequential(walk_split(), ItemIndex(np.arange(1, 61)), text_for(), SMALL, cfg, ck)
+    assert resumed.resumed_from_epoch == killed_at
+    assert len(resumed.history) == 6
+    fresh = train_sequential(walk_split(), ItemIndex(np.arange(1, 61)), text_for(), SMALL, cfg, tmp_path / "fresh")
+    # RNG, optimizer and weights are restored, so the resumed run ends where an uninterrupted one does.
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in fresh.history], rtol=1e-4)
+    assert resumed.best_val_ndcg == pytest.approx(fresh.best_val_ndcg, abs=1e-6)
+
+
+def test_warm_start_with_new_items(tmp_path):
+    split = walk_split()
+    old_idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    text = text_for(N_ITEMS + 5)
+    base = train_sequential(split, old_idx, text[:N_ITEMS], SMALL, FAST, tmp_path / "ck0")
+    save_trained_model(base.model, old_idx, tmp_path / "prod")
+    # The catalogue grows by 5 items; row order changes too (new ids first).
+    new_idx = ItemIndex(np.concatenate([np.arange(N_ITEMS + 1, N_ITEMS + 6), np.arange(1, N_ITEMS + 1)]))
+    new_text = np.concatenate([text[N_ITEMS:], text[:N_ITEMS]])
+    remapped = SequenceSplit(
+        users=split.users,
+        train=[new_idx.to_index(old_idx.to_ids(h)) for h in split.train],
+        val_targets=new_idx.to_index(old_idx.to_ids(split.val_targets)),
+        test_targets=new_idx.to_index(old_idx.to_ids(split.test_targets)),
+    )
+    cfg = FAST.model_copy(update={"warm_start_epochs": 2})
+    warm = train_sequential(remapped, new_idx, new_text, SMALL, cfg, tmp_path / "ck1", init_from=tmp_path / "prod")
+    assert warm.warm_started and warm.epochs_run == 2
+    # Carried-over knowledge: after 2 epochs the warm model is already about as good as the 12-epoch base.
+    assert warm.best_val_ndcg >= 0.8 * base.best_val_ndcg
+    # New items are scorable (from text) and finite.
+    scores = ModelScorer(warm.model).score(remapped.test_inputs()[:2])
+    assert np.isfinite(scores[:, :5]).all()
