@@ -168,14 +168,14 @@ def _masked_loss(model: SequentialRecommender, windows: list[np.ndarray], device
     return nn.functional.cross_entropy(logits.float(), y[sel] - 1)
 
 
-def validation_ndcg(model: SequentialRecommender, split: SequenceSplit, device: torch.device, k: int = 10) -> float:
-    """Mean NDCG@K on the validation targets, seen training items excluded."""
-    keep = np.flatnonzero(split.val_targets > 0)
+def validation_ndcg(model: SequentialRecommender, inputs: list[np.ndarray], targets: np.ndarray, device: torch.device, k: int = 10) -> float:
+    """Mean NDCG@K on validation targets, the inputs' items excluded."""
+    keep = np.flatnonzero(np.asarray(targets) > 0)
     if len(keep) == 0:
         return 0.0
-    inputs = [split.train[i] for i in keep]
-    ranked = rank_top_k(ModelScorer(model, device), inputs, inputs, k)
-    return float(ndcg_at_k(ranked, split.val_targets[keep], k).mean())
+    chosen = [inputs[i] for i in keep]
+    ranked = rank_top_k(ModelScorer(model, device), chosen, chosen, k)
+    return float(ndcg_at_k(ranked, np.asarray(targets)[keep], k).mean())
 
 
 def warm_start_model(model: SequentialRecommender, source_dir: Path, index: ItemIndex) -> int:
@@ -242,6 +242,7 @@ def train_sequential(
     *,
     init_from: Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    validation: tuple[list[np.ndarray], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train (or fine-tune) the sequential recommender.
 
@@ -256,6 +257,8 @@ def train_sequential(
             the same run, training resumes from it.
         init_from: A saved model to warm-start from (weights matched by item id).
         progress: Called after every epoch with a dict of epoch stats.
+        validation: (inputs, targets) for early stopping when they are not the split's own
+            (the published ML-1M split ships separate validation sequences).
 
     Returns:
         The best model (by validation NDCG@10) and its training history.
@@ -307,6 +310,7 @@ def train_sequential(
     if not windows:
         raise ValueError("no training sequences: every user needs at least 2 training events")
 
+    val_inputs, val_targets = validation if validation is not None else (split.train, split.val_targets)
     began = time.monotonic()
     budget = train_cfg.max_minutes * 60.0
     epoch = start_epoch
@@ -336,7 +340,7 @@ def train_sequential(
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
             total += loss.item()
             batches += 1
-        ndcg = validation_ndcg(model, split, device)
+        ndcg = validation_ndcg(model, val_inputs, val_targets, device)
         improved = ndcg > best_ndcg
         if improved:
             best_ndcg, best_epoch, stale = ndcg, epoch, 0
