@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from stratarec.bundle import LINEAGE_FILE, load_layers
+from stratarec.bundle import LINEAGE_FILE, RecommenderBundle, load_layers
 from stratarec.config import StrataConfig
 from stratarec.monitoring.drift import DriftResult, detect_drift
 from stratarec.monitoring.frames import build_event_frame, build_prediction_frame, split_windows
-from stratarec.schema import EVENT_TIMESTAMP, LAYER_COARSE, USER_ID
+from stratarec.schema import EVENT_TIMESTAMP, ITEM_ID, RECOMMENDED_ITEMS, SERVED_AT, SERVED_LAYER, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,27 @@ def choose_windows(ordered_events: pd.DataFrame, bundle_dir: Path, current_fract
     return ref, cur, f"earliest {1 - current_fraction:.0%} vs latest {current_fraction:.0%} of the timeline"
 
 
-def _served_layers(bundle_dir: Path, users: pd.Series) -> pd.DataFrame:
-    """What the model would serve the reference users: one pseudo-request per user with their layer."""
-    layers = load_layers(bundle_dir)
-    layer_of = layers.assignments.set_index(USER_ID)[LAYER_COARSE] if layers is not None else pd.Series(dtype="int64")
-    uniq = pd.Series(users.unique())
-    return pd.DataFrame({USER_ID: uniq, "served_layer": uniq.map(layer_of).fillna(-1).astype(int), "recommended_items": [[] for _ in uniq]})
+def reference_predictions(bundle_dir: Path, reference_events: pd.DataFrame, k: int) -> pd.DataFrame:
+    """What the model serves the reference users: real top-k lists and each user's layer.
+
+    This is the prediction baseline the served-request log is compared with.
+    """
+    bundle = RecommenderBundle(bundle_dir)
+    hist = reference_events.groupby(USER_ID, sort=False)[ITEM_ID].apply(list)
+    last_seen = reference_events.groupby(USER_ID, sort=False)[EVENT_TIMESTAMP].max()
+    recs = bundle.recommend_batch(hist.tolist(), k)
+    rows = []
+    for user, rec in zip(hist.index, recs, strict=True):
+        layer = bundle.layer_of_user(int(user))
+        rows.append(
+            {
+                SERVED_AT: pd.Timestamp(last_seen[user]).isoformat(),
+                USER_ID: int(user),
+                RECOMMENDED_ITEMS: [r.item_id for r in rec],
+                SERVED_LAYER: -1 if layer is None else layer,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def monitor_windows(
@@ -97,7 +112,7 @@ def monitor_windows(
     cur_frame = build_event_frame(current, items, user_layers, reference_events=reference)
     ref_pred = cur_pred = None
     if request_log is not None and len(request_log):
-        ref_pred = build_prediction_frame(_served_layers(bundle_dir, reference[USER_ID]))
+        ref_pred = build_prediction_frame(reference_predictions(bundle_dir, reference, cfg.serving.default_k))
         cur_pred = build_prediction_frame(request_log)
     return detect_drift(ref_frame, cur_frame, cfg.monitor, Path(report_path), reference_predictions=ref_pred, current_predictions=cur_pred)
 
