@@ -119,6 +119,7 @@ class TrainConfig(_Strict):
     mixed_precision: bool = True
     warm_start: bool = False
     warm_start_epochs: int = Field(10, ge=1)
+    warm_start_lr_factor: float = Field(0.3, gt=0, le=1, description="Fine-tuning uses learning_rate times this: smaller steps keep what the model knew.")
     num_threads: int | None = None
 
 

@@ -134,10 +134,23 @@ def _masked_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
     return windows
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+def _batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator, pool: int = 32) -> Iterator[np.ndarray]:
+    """Shuffled batches of similar-length windows.
+
+    Windows are shuffled, then sorted by length inside pools of ``pool`` batches, and the
+    batches are shuffled again: padding (and its compute) shrinks while every epoch still
+    sees a different random grouping.
+    """
+    n = len(lengths)
     order = torch.randperm(n, generator=generator).numpy()
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    chunk = batch_size * pool
+    batches = []
+    for start in range(0, n, chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    for b in torch.randperm(len(batches), generator=generator).numpy():
+        yield batches[b]
 
 
 def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -146,8 +159,10 @@ def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device
     y = torch.from_numpy(items[:, 1:]).to(device)  # (B, T) next item, 0 = padding
     mask = (x > 0).long()
     hidden = model.encode(x, mask)  # (B, T, d)
-    logits = model.logits(hidden)  # (B, T, n_items)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), (y - 1).reshape(-1), ignore_index=-1)
+    real = y > 0
+    # Score only positions that have a next item: padding would cost a full (T, n_items) slab.
+    logits = model.logits(hidden[real])  # (N, n_items)
+    return nn.functional.cross_entropy(logits.float(), y[real] - 1)
 
 
 def _masked_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, generator: torch.Generator, mask_prob: float = 0.2) -> torch.Tensor:
@@ -278,7 +293,8 @@ def train_sequential(
         warm = True
         log.info("warm start from %s: %d item rows carried over", init_from, carried)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    lr = train_cfg.learning_rate * (train_cfg.warm_start_lr_factor if warm else 1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train_cfg.weight_decay)
     autocast, scaler = autocast_for(device, train_cfg.mixed_precision)
     max_epochs = train_cfg.warm_start_epochs if warm else train_cfg.epochs
 
@@ -309,6 +325,7 @@ def train_sequential(
         windows = _masked_windows(split.train, arch.max_len)
     if not windows:
         raise ValueError("no training sequences: every user needs at least 2 training events")
+    window_lengths = np.array([len(w) for w in windows])
 
     val_inputs, val_targets = validation if validation is not None else (split.train, split.val_targets)
     began = time.monotonic()
@@ -318,7 +335,7 @@ def train_sequential(
         model.train()
         t0 = time.monotonic()
         total, batches = 0.0, 0
-        for batch_idx in _batches(len(windows), train_cfg.batch_size, generator):
+        for batch_idx in _batches(window_lengths, train_cfg.batch_size, generator):
             chunk = [windows[i] for i in batch_idx]
             with autocast:
                 if arch.kind == "causal":

@@ -131,11 +131,12 @@ def test_warm_start_with_new_items(tmp_path):
         val_targets=new_idx.to_index(old_idx.to_ids(split.val_targets)),
         test_targets=new_idx.to_index(old_idx.to_ids(split.test_targets)),
     )
-    cfg = FAST.model_copy(update={"warm_start_epochs": 2})
+    cfg = FAST.model_copy(update={"warm_start_epochs": 2, "epochs": 2})
     warm = train_sequential(remapped, new_idx, new_text, SMALL, cfg, tmp_path / "ck1", init_from=tmp_path / "prod")
+    scratch = train_sequential(remapped, new_idx, new_text, SMALL, cfg, tmp_path / "ck2")
     assert warm.warm_started and warm.epochs_run == 2
-    # Carried-over knowledge: after 2 epochs the warm model is already about as good as the 12-epoch base.
-    assert warm.best_val_ndcg >= 0.8 * base.best_val_ndcg
+    # Carried-over knowledge: 2 warm epochs beat 2 epochs from scratch by far.
+    assert warm.best_val_ndcg > scratch.best_val_ndcg + 0.05, (warm.best_val_ndcg, scratch.best_val_ndcg, base.best_val_ndcg)
     # New items are scorable (from text) and finite.
     scores = ModelScorer(warm.model).score(remapped.test_inputs()[:2])
     assert np.isfinite(scores[:, :5]).all()
