@@ -258,6 +258,7 @@ def train_sequential(
     init_from: Path | None = None,
     progress: Callable[[dict], None] | None = None,
     validation: tuple[list[np.ndarray], np.ndarray] | None = None,
+    on_epoch_end: Callable[[int, SequentialRecommender], dict] | None = None,
 ) -> TrainResult:
     """Train (or fine-tune) the sequential recommender.
 
@@ -274,6 +275,8 @@ def train_sequential(
         progress: Called after every epoch with a dict of epoch stats.
         validation: (inputs, targets) for early stopping when they are not the split's own
             (the published ML-1M split ships separate validation sequences).
+        on_epoch_end: Extra per-epoch measurements (e.g. a benchmark's test curve); the
+            returned dict is merged into that epoch's history entry.
 
     Returns:
         The best model (by validation NDCG@10) and its training history.
@@ -366,6 +369,9 @@ def train_sequential(
             stale += 1
         elapsed = time.monotonic() - began
         stats = {"epoch": epoch, "loss": total / max(batches, 1), "val_ndcg@10": ndcg, "seconds": time.monotonic() - t0, "elapsed": elapsed}
+        if on_epoch_end is not None:
+            model.eval()
+            stats.update(on_epoch_end(epoch, model))
         history.append(stats)
         # Checkpoint every epoch: weights, optimizer and RNG in safetensors, counters in JSON.
         save_model(model, checkpoint_dir / "last")

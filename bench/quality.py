@@ -1,0 +1,247 @@
+"""Recommendation-quality benchmark: our transformer vs baselines, same split, same evaluation code.
+
+    python bench/quality.py --dataset ml-1m-sasrec --budget-minutes 120
+    python bench/quality.py --dataset ml-100k --budget-minutes 5
+
+ml-1m-sasrec uses the published split and protocol (rank all items given train/input.txt,
+exclude the sequence's items, score test/output.txt; early stopping on val/). ml-100k uses the
+pipeline's temporal leave-last-out split and adds the text-init ablation, the cold-item
+slice and the warm-start experiment. Prints tables and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stratarec.baselines import build_baselines
+from stratarec.config import ModelConfig, TrainConfig
+from stratarec.evaluation.ranking import evaluate_scorer
+from stratarec.sequences import ItemIndex, SequenceSplit, split_from_events
+from stratarec.training import ModelScorer, train_sequential
+
+log = logging.getLogger("bench.quality")
+K = 10
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    line = " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    sep = "-+-".join("-" * w for w in widths)
+    body = "\n".join(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)) for r in rows)
+    return f"{line}\n{sep}\n{body}"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single: int = 1000, batch: int = 256) -> dict:
+    """Median single-user full-catalogue scoring time and one 256-user batch, in ms."""
+    torch.set_num_threads(torch.get_num_threads())
+    users = [histories[i % len(histories)] for i in range(n_single)]
+    for h in users[:20]:  # warm-up
+        scorer.score([h])
+    single = []
+    for h in users:
+        t = time.perf_counter()
+        scorer.score([h])
+        single.append((time.perf_counter() - t) * 1000)
+    batches = []
+    for start in range(0, min(len(histories), 5 * batch), batch):
+        chunk = histories[start : start + batch]
+        if len(chunk) < batch:
+            break
+        t = time.perf_counter()
+        scorer.score(chunk)
+        batches.append((time.perf_counter() - t) * 1000)
+    return {
+        "single_user_ms_p50": statistics.median(single),
+        "single_user_ms_p95": float(np.percentile(single, 95)),
+        "batch256_ms_median": statistics.median(batches) if batches else None,
+    }
+
+
+def run_ml1m(args: argparse.Namespace) -> dict:
+    """Published ML-1M split: our causal transformer with full cross-entropy vs baselines."""
+    from stratarec.data.sasrec import load_sasrec_split
+
+    data = load_sasrec_split(Path(args.data_dir))
+    n = data.n_items
+    split = SequenceSplit(
+        users=np.arange(len(data.train)), train=data.train, val_targets=np.zeros(len(data.train), np.int64), test_targets=data.test_targets
+    )
+    index = ItemIndex(np.arange(1, n + 1))
+    inputs = data.train  # the protocol ranks given train/input.txt and excludes its items
+    results = []
+    t0 = time.perf_counter()
+    for b in build_baselines(["most_popular", "item_knn", "ease"], data.train, n):
+        start = time.perf_counter()
+        m = evaluate_scorer(b, inputs, inputs, data.test_targets, K, n)["overall"]
+        results.append({"model": b.name, **_pick(m), "train_s": round(time.perf_counter() - start, 1), "epochs": None})
+    log.info("baselines done in %.1fs", time.perf_counter() - t0)
+
+    model_cfg = ModelConfig(
+        architecture=args.architecture, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, max_len=200, text_init=False
+    )
+    train_cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience, max_minutes=args.budget_minutes, seed=args.seed
+    )
+    curve = []
+    started = time.perf_counter()
+
+    def test_curve(epoch: int, model) -> dict:
+        if epoch % args.curve_every:
+            return {}
+        m = evaluate_scorer(ModelScorer(model), inputs, inputs, data.test_targets, K, n)["overall"]
+        point = {"epoch": epoch, "minutes": (time.perf_counter() - started) / 60, "test_ndcg@10": m["ndcg@10"], "test_hr@10": m["recall@10"]}
+        curve.append(point)
+        log.info("curve %s", point)
+        return {"test_ndcg@10": m["ndcg@10"]}
+
+    res = train_sequential(
+        split, index, None, model_cfg, train_cfg, Path(args.checkpoint_dir) / "ml1m", validation=(data.val_inputs, data.val_targets),
+        progress=lambda s: log.info("epoch %s", s), on_epoch_end=test_curve,
+    )
+    scorer = ModelScorer(res.model)
+    m = evaluate_scorer(scorer, inputs, inputs, data.test_targets, K, n)["overall"]
+    results.insert(0, {"model": f"stratarec-{args.architecture}", **_pick(m), "train_s": round(res.seconds, 1), "epochs": res.epochs_run, "best_epoch": res.best_epoch})
+    return {"dataset": "ml-1m-sasrec", "results": results, "curve": curve, "history": res.history, "latency": inference_latency(scorer, inputs), "config": {"model": model_cfg.model_dump(), "train": train_cfg.model_dump()}}
+
+
+def _pick(m: dict) -> dict:
+    return {"ndcg@10": m["ndcg@10"], "hr@10": m["recall@10"], "mrr@10": m["mrr@10"], "coverage@10": m.get("coverage@10")}
+
+
+def _ml100k_split(data_dir: Path, max_history: int):
+    from stratarec.data.movielens import load_movielens_100k
+    from stratarec.features import order_events
+    from stratarec.text_encoder import embed_texts, item_text
+
+    events, items = load_movielens_100k(data_dir)
+    ordered = order_events(events)
+    items = items.sort_values("item_id").reset_index(drop=True)
+    index = ItemIndex(items["item_id"].to_numpy(dtype=np.int64))
+    text = embed_texts(item_text(items), encoder="minilm")
+    return ordered, items, index, text, max_history
+
+
+def _cap(split: SequenceSplit, max_history: int) -> SequenceSplit:
+    """Mirror the feature store: training histories are the last ``max_history`` items."""
+    split.train = [h[-max_history:] for h in split.train]
+    return split
+
+
+def run_ml100k(args: argparse.Namespace) -> dict:
+    """Pipeline split on ML-100K: text-init ablation, cold items, baselines, warm start."""
+    ordered, items, index, text, cap = _ml100k_split(Path(args.data_dir), args.max_history)
+    n = len(index)
+    split = _cap(split_from_events(ordered, index), cap)
+    inputs = split.test_inputs()
+    full = split.full_histories()
+    seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
+    counts = split.train_item_counts(n)
+    cold_items = (split.test_targets > 0) & (counts[split.test_targets] <= 5)
+    slices = {"cold_items": cold_items}
+    results = []
+    for b in build_baselines(["most_popular", "item_knn", "ease"], split.train, n):
+        start = time.perf_counter()
+        rep = evaluate_scorer(b, inputs, seen, split.test_targets, K, n, slices=slices)
+        results.append({"model": b.name, **_pick(rep["overall"]), "cold_item_recall@10": rep["cold_items"].get("recall@10"), "train_s": round(time.perf_counter() - start, 1)})
+    model_cfg = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, max_len=args.max_len, text_init=True)
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience, max_minutes=args.budget_minutes, seed=args.seed)
+    trained = {}
+    for name, use_text in (("stratarec-text-init", True), ("stratarec-id-only", False)):
+        cfg = model_cfg.model_copy(update={"text_init": use_text})
+        res = train_sequential(split, index, text if use_text else None, cfg, train_cfg, Path(args.checkpoint_dir) / name, progress=lambda s: log.info("%s", s))
+        rep = evaluate_scorer(ModelScorer(res.model), inputs, seen, split.test_targets, K, n, slices=slices)
+        trained[name] = res
+        results.insert(0 if use_text else 1, {"model": name, **_pick(rep["overall"]), "cold_item_recall@10": rep["cold_items"].get("recall@10"), "train_s": round(res.seconds, 1), "epochs": res.epochs_run, "best_epoch": res.best_epoch})
+    out = {"dataset": "ml-100k", "results": results, "cold_item_test_users": int(cold_items.sum()), "latency": inference_latency(ModelScorer(trained["stratarec-text-init"].model), inputs)}
+    out["warm_start"] = warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args)
+    return out
+
+
+def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> dict:
+    """Train on the first 80% of the timeline, fine-tune on all of it; compare with from-scratch."""
+    from stratarec.training import save_trained_model
+
+    ts = ordered["event_timestamp"]
+    cut = ts.quantile(0.8)
+    early = ordered[ts <= cut]
+    n = len(index)
+    early_split = _cap(split_from_events(early, index), args.max_history)
+    base = train_sequential(early_split, index, text, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-base")
+    save_trained_model(base.model, index, Path(args.checkpoint_dir) / "warm-base-model")
+    split = _cap(split_from_events(ordered, index), args.max_history)
+    inputs = split.test_inputs()
+    full = split.full_histories()
+    seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
+    scratch = train_sequential(split, index, text, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-scratch")
+    warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs})
+    warm = train_sequential(split, index, text, model_cfg, warm_cfg, Path(args.checkpoint_dir) / "warm-ft", init_from=Path(args.checkpoint_dir) / "warm-base-model")
+    s = evaluate_scorer(ModelScorer(scratch.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
+    w = evaluate_scorer(ModelScorer(warm.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
+    return {
+        "scratch_ndcg@10": s, "warm_ndcg@10": w, "relative_gap": (s - w) / s if s else None,
+        "scratch_s": scratch.seconds, "warm_s": warm.seconds, "time_ratio": warm.seconds / scratch.seconds if scratch.seconds else None,
+        "scratch_epochs": scratch.epochs_run, "warm_epochs": warm.epochs_run, "cut": str(cut),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["ml-1m-sasrec", "ml-100k"], required=True)
+    p.add_argument("--data-dir", default=os.environ.get("STRATAREC_DATA_DIR", "../shared/data"))
+    p.add_argument("--budget-minutes", type=float, default=120.0)
+    p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--architecture", choices=["causal", "bidirectional"], default="causal")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--max-history", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--warm-epochs", type=int, default=3)
+    p.add_argument("--curve-every", type=int, default=2)
+    p.add_argument("--checkpoint-dir", default="bench/results/checkpoints")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.perf_counter()
+    report = run_ml1m(args) if args.dataset == "ml-1m-sasrec" else run_ml100k(args)
+    report["wall_seconds"] = time.perf_counter() - started
+    report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(), "torch": torch.__version__}
+    report["args"] = vars(args)
+    cols = ["model", "ndcg@10", "hr@10", "mrr@10", "coverage@10", "cold_item_recall@10", "train_s", "epochs"]
+    print(_table(report["results"], [c for c in cols if any(c in r for r in report["results"])]))
+    print("latency:", json.dumps(report["latency"]))
+    if "warm_start" in report:
+        print("warm start:", json.dumps(report["warm_start"]))
+    if report.get("curve"):
+        print(_table(report["curve"], ["epoch", "minutes", "test_ndcg@10", "test_hr@10"]))
+    out = Path(args.out or f"bench/results/quality-{args.dataset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
