@@ -93,10 +93,21 @@ def run_ml1m(args: argparse.Namespace) -> dict:
     log.info("baselines done in %.1fs", time.perf_counter() - t0)
 
     model_cfg = ModelConfig(
-        architecture=args.architecture, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, max_len=200, text_init=False
+        architecture=args.architecture,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        dropout=args.dropout,
+        max_len=200,
+        text_init=False,
     )
     train_cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience, max_minutes=args.budget_minutes, seed=args.seed
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        patience=args.patience,
+        max_minutes=args.budget_minutes,
+        seed=args.seed,
     )
     curve = []
     started = time.perf_counter()
@@ -105,19 +116,47 @@ def run_ml1m(args: argparse.Namespace) -> dict:
         if epoch % args.curve_every:
             return {}
         m = evaluate_scorer(ModelScorer(model), inputs, inputs, data.test_targets, K, n)["overall"]
-        point = {"epoch": epoch, "minutes": (time.perf_counter() - started) / 60, "test_ndcg@10": m["ndcg@10"], "test_hr@10": m["recall@10"]}
+        point = {
+            "epoch": epoch,
+            "minutes": (time.perf_counter() - started) / 60,
+            "test_ndcg@10": m["ndcg@10"],
+            "test_hr@10": m["recall@10"],
+        }
         curve.append(point)
         log.info("curve %s", point)
         return {"test_ndcg@10": m["ndcg@10"]}
 
     res = train_sequential(
-        split, index, None, model_cfg, train_cfg, Path(args.checkpoint_dir) / "ml1m", validation=(data.val_inputs, data.val_targets),
-        progress=lambda s: log.info("epoch %s", s), on_epoch_end=test_curve,
+        split,
+        index,
+        None,
+        model_cfg,
+        train_cfg,
+        Path(args.checkpoint_dir) / "ml1m",
+        validation=(data.val_inputs, data.val_targets),
+        progress=lambda s: log.info("epoch %s", s),
+        on_epoch_end=test_curve,
     )
     scorer = ModelScorer(res.model)
     m = evaluate_scorer(scorer, inputs, inputs, data.test_targets, K, n)["overall"]
-    results.insert(0, {"model": f"stratarec-{args.architecture}", **_pick(m), "train_s": round(res.seconds, 1), "epochs": res.epochs_run, "best_epoch": res.best_epoch})
-    return {"dataset": "ml-1m-sasrec", "results": results, "curve": curve, "history": res.history, "latency": inference_latency(scorer, inputs), "config": {"model": model_cfg.model_dump(), "train": train_cfg.model_dump()}}
+    results.insert(
+        0,
+        {
+            "model": f"stratarec-{args.architecture}",
+            **_pick(m),
+            "train_s": round(res.seconds, 1),
+            "epochs": res.epochs_run,
+            "best_epoch": res.best_epoch,
+        },
+    )
+    return {
+        "dataset": "ml-1m-sasrec",
+        "results": results,
+        "curve": curve,
+        "history": res.history,
+        "latency": inference_latency(scorer, inputs),
+        "config": {"model": model_cfg.model_dump(), "train": train_cfg.model_dump()},
+    }
 
 
 def _pick(m: dict) -> dict:
@@ -158,17 +197,50 @@ def run_ml100k(args: argparse.Namespace) -> dict:
     for b in build_baselines(["most_popular", "item_knn", "ease"], split.train, n):
         start = time.perf_counter()
         rep = evaluate_scorer(b, inputs, seen, split.test_targets, K, n, slices=slices)
-        results.append({"model": b.name, **_pick(rep["overall"]), "cold_item_recall@10": rep["cold_items"].get("recall@10"), "train_s": round(time.perf_counter() - start, 1)})
-    model_cfg = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, max_len=args.max_len, text_init=True)
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=args.patience, max_minutes=args.budget_minutes, seed=args.seed)
+        results.append(
+            {
+                "model": b.name,
+                **_pick(rep["overall"]),
+                "cold_item_recall@10": rep["cold_items"].get("recall@10"),
+                "train_s": round(time.perf_counter() - start, 1),
+            }
+        )
+    model_cfg = ModelConfig(
+        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, max_len=args.max_len, text_init=True
+    )
+    train_cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        patience=args.patience,
+        max_minutes=args.budget_minutes,
+        seed=args.seed,
+    )
     trained = {}
     for name, use_text in (("stratarec-text-init", True), ("stratarec-id-only", False)):
         cfg = model_cfg.model_copy(update={"text_init": use_text})
-        res = train_sequential(split, index, text if use_text else None, cfg, train_cfg, Path(args.checkpoint_dir) / name, progress=lambda s: log.info("%s", s))
+        res = train_sequential(
+            split, index, text if use_text else None, cfg, train_cfg, Path(args.checkpoint_dir) / name, progress=lambda s: log.info("%s", s)
+        )
         rep = evaluate_scorer(ModelScorer(res.model), inputs, seen, split.test_targets, K, n, slices=slices)
         trained[name] = res
-        results.insert(0 if use_text else 1, {"model": name, **_pick(rep["overall"]), "cold_item_recall@10": rep["cold_items"].get("recall@10"), "train_s": round(res.seconds, 1), "epochs": res.epochs_run, "best_epoch": res.best_epoch})
-    out = {"dataset": "ml-100k", "results": results, "cold_item_test_users": int(cold_items.sum()), "latency": inference_latency(ModelScorer(trained["stratarec-text-init"].model), inputs)}
+        results.insert(
+            0 if use_text else 1,
+            {
+                "model": name,
+                **_pick(rep["overall"]),
+                "cold_item_recall@10": rep["cold_items"].get("recall@10"),
+                "train_s": round(res.seconds, 1),
+                "epochs": res.epochs_run,
+                "best_epoch": res.best_epoch,
+            },
+        )
+    out = {
+        "dataset": "ml-100k",
+        "results": results,
+        "cold_item_test_users": int(cold_items.sum()),
+        "latency": inference_latency(ModelScorer(trained["stratarec-text-init"].model), inputs),
+    }
     out["warm_start"] = warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args)
     return out
 
@@ -190,13 +262,27 @@ def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> d
     seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
     scratch = train_sequential(split, index, text, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-scratch")
     warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs})
-    warm = train_sequential(split, index, text, model_cfg, warm_cfg, Path(args.checkpoint_dir) / "warm-ft", init_from=Path(args.checkpoint_dir) / "warm-base-model")
+    warm = train_sequential(
+        split,
+        index,
+        text,
+        model_cfg,
+        warm_cfg,
+        Path(args.checkpoint_dir) / "warm-ft",
+        init_from=Path(args.checkpoint_dir) / "warm-base-model",
+    )
     s = evaluate_scorer(ModelScorer(scratch.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
     w = evaluate_scorer(ModelScorer(warm.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
     return {
-        "scratch_ndcg@10": s, "warm_ndcg@10": w, "relative_gap": (s - w) / s if s else None,
-        "scratch_s": scratch.seconds, "warm_s": warm.seconds, "time_ratio": warm.seconds / scratch.seconds if scratch.seconds else None,
-        "scratch_epochs": scratch.epochs_run, "warm_epochs": warm.epochs_run, "cut": str(cut),
+        "scratch_ndcg@10": s,
+        "warm_ndcg@10": w,
+        "relative_gap": (s - w) / s if s else None,
+        "scratch_s": scratch.seconds,
+        "warm_s": warm.seconds,
+        "time_ratio": warm.seconds / scratch.seconds if scratch.seconds else None,
+        "scratch_epochs": scratch.epochs_run,
+        "warm_epochs": warm.epochs_run,
+        "cut": str(cut),
     }
 
 
@@ -226,7 +312,12 @@ def main() -> None:
     started = time.perf_counter()
     report = run_ml1m(args) if args.dataset == "ml-1m-sasrec" else run_ml100k(args)
     report["wall_seconds"] = time.perf_counter() - started
-    report["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor(), "torch": torch.__version__}
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+    }
     report["args"] = vars(args)
     cols = ["model", "ndcg@10", "hr@10", "mrr@10", "coverage@10", "cold_item_recall@10", "train_s", "epochs"]
     print(_table(report["results"], [c for c in cols if any(c in r for r in report["results"])]))

@@ -19,7 +19,8 @@ def evaluate_candidate(
     from stratarec.config import StrataConfig
     from stratarec.data.ingest import read_table
     from stratarec.stages import stage_record
-    from stratarec.steps import evaluate_candidate as evaluate, seen_before_test
+    from stratarec.steps import evaluate_candidate as evaluate
+    from stratarec.steps import seen_before_test
 
     cfg = StrataConfig.from_json(config_json)
     with stage_record(cfg, "evaluate") as summary:

@@ -9,7 +9,9 @@ from stratarec.components.images import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def ingest_data(config_json: str, events: Output[Dataset], items: Output[Dataset]) -> NamedTuple("IngestOutputs", n_events=int, n_items=int):
+def ingest_data(config_json: str, events: Output[Dataset], items: Output[Dataset]) -> NamedTuple(
+    "IngestOutputs", n_events=int, n_items=int
+):
     """Load events and items (MovieLens, generic files or synthetic) and write them as Parquet."""
     from collections import namedtuple
 

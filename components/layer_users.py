@@ -9,9 +9,9 @@ from stratarec.components.images import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def layer_users(
-    config_json: str, model: Input[Model], training_set: Input[Dataset], layered_model: Output[Model]
-) -> NamedTuple("LayerOutputs", n_coarse=int, layer_names=str):
+def layer_users(config_json: str, model: Input[Model], training_set: Input[Dataset], layered_model: Output[Model]) -> NamedTuple(
+    "LayerOutputs", n_coarse=int, layer_names=str
+):
     """Copy the bundle, cluster users into coarse/fine layers, name them, and store them in it."""
     import json
     import shutil

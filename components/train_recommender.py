@@ -24,8 +24,13 @@ def train_recommender(
         prod = read_production(cfg.workspace_path) if cfg.train.warm_start else None
         warm = Path(prod.model_dir) if prod else None
         result = train_candidate(
-            read_table(training_set.path), read_table(catalog.path), cfg, Path(model.path),
-            data_window=(data_start, data_end), warm_start_dir=warm, progress=lambda s: print(f"[train] {s}", flush=True),
+            read_table(training_set.path),
+            read_table(catalog.path),
+            cfg,
+            Path(model.path),
+            data_window=(data_start, data_end),
+            warm_start_dir=warm,
+            progress=lambda s: print(f"[train] {s}", flush=True),
         )
         summary.update(result)
         model.metadata.update({"best_val_ndcg@10": result["best_val_ndcg@10"], "device": result["device"]})

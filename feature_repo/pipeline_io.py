@@ -48,9 +48,7 @@ def training_set_from_store(store, ordered_events: pd.DataFrame) -> pd.DataFrame
     entity = pd.DataFrame(
         {
             USER_ID: cut[USER_ID].astype(np.int64),
-            EVENT_TIMESTAMP: np.where(
-                has_val, cut["val_ts"] - pd.Timedelta(microseconds=1), cut[USER_ID].map(last_ts)
-            ),
+            EVENT_TIMESTAMP: np.where(has_val, cut["val_ts"] - pd.Timedelta(microseconds=1), cut[USER_ID].map(last_ts)),
         }
     )
     entity[EVENT_TIMESTAMP] = pd.to_datetime(entity[EVENT_TIMESTAMP], utc=True)

@@ -6,11 +6,11 @@ run, and a recurring run of this pipeline is the schedule.
 
 from kfp import dsl
 
+from stratarec.components.build_features import build_features
 from stratarec.components.detect_drift import detect_drift
+from stratarec.components.fetch_production import fetch_production_model
 from stratarec.components.ingest_data import ingest_data
 from stratarec.components.validate_data import validate_data
-from stratarec.components.build_features import build_features
-from stratarec.components.fetch_production import fetch_production_model
 from stratarec.pipelines.training import training_pipeline
 
 RETRAIN_GATE = "drift-exceeds-policy"

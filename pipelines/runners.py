@@ -85,7 +85,9 @@ def submit(host: str, cfg: StrataConfig, experiment: str = "stratarec", namespac
     return run.run_id
 
 
-def schedule(host: str, monitor_cfg: StrataConfig, retrain_cfg: StrataConfig, package_path: Path, cron: str, experiment: str = "stratarec") -> str:
+def schedule(
+    host: str, monitor_cfg: StrataConfig, retrain_cfg: StrataConfig, package_path: Path, cron: str, experiment: str = "stratarec"
+) -> str:
     """Create a recurring run of the retrain-on-drift pipeline (KFP cron has six fields, seconds first)."""
     import kfp
 

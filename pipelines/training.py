@@ -37,9 +37,9 @@ def training_pipeline(config_json: str):
         config_json: The serialised ``StrataConfig`` (one typed config for every step).
     """
     ingest = ingest_data(config_json=config_json).set_display_name("ingest")
-    validate = validate_data(
-        config_json=config_json, events=ingest.outputs["events"], items=ingest.outputs["items"]
-    ).set_display_name("validate")
+    validate = validate_data(config_json=config_json, events=ingest.outputs["events"], items=ingest.outputs["items"]).set_display_name(
+        "validate"
+    )
     features = build_features(
         config_json=config_json,
         events=validate.outputs["validated_events"],
@@ -69,9 +69,9 @@ def training_pipeline(config_json: str):
         ordered_events=features.outputs["ordered_events"],
     ).set_display_name("evaluate")
     with dsl.If(evaluate.outputs["promote"] == True, name=GATE_NAME):  # noqa: E712 (KFP builds a condition from ==)
-        package_model(
-            config_json=config_json, model=layer.outputs["layered_model"], reason=evaluate.outputs["reason"]
-        ).set_display_name("package")
+        package_model(config_json=config_json, model=layer.outputs["layered_model"], reason=evaluate.outputs["reason"]).set_display_name(
+            "package"
+        )
     detect_drift(
         config_json=config_json,
         ordered_events=features.outputs["ordered_events"],

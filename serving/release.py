@@ -66,4 +66,10 @@ def release_candidate(bundle_dir: Path, cfg: StrataConfig, reason: str = "") -> 
     )
     promote(record, workspace)
     log.info("promoted %s (model %s, bento %s)", model_id, model_tag, bento_tag)
-    return {"model_id": model_id, "model_tag": model_tag, "bento_tag": bento_tag, "model_dir": str(prod_dir), "previous": metadata["previous"]}
+    return {
+        "model_id": model_id,
+        "model_tag": model_tag,
+        "bento_tag": bento_tag,
+        "model_dir": str(prod_dir),
+        "previous": metadata["previous"],
+    }

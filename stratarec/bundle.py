@@ -105,14 +105,18 @@ class RecommenderBundle:
         self.index = ItemIndex(np.asarray(ids, dtype=np.int64))
         self.items = pd.read_parquet(self.directory / ITEMS_FILE).set_index(ITEM_ID).loc[self.index.item_ids].reset_index()
         self.titles = self.items[TITLE].astype(str).to_numpy()
-        self.popularity = self.items[ITEM_POPULARITY].to_numpy(dtype=np.float64) if ITEM_POPULARITY in self.items else np.zeros(len(self.index))
+        self.popularity = (
+            self.items[ITEM_POPULARITY].to_numpy(dtype=np.float64) if ITEM_POPULARITY in self.items else np.zeros(len(self.index))
+        )
         self.layers = load_layers(self.directory)
         if self.layers is not None:
             self.item_layer = self.layers.item_layer[1:]
             coarse = self.layers.layers[self.layers.layers.level == "coarse"].set_index("layer")
             self.layer_names = {int(k): str(v) for k, v in coarse["name"].items()}
             self.layer_popular = {int(k): [int(i) for i in v] for k, v in coarse["popular_items"].items()}
-            self.user_layer = dict(zip(self.layers.assignments[USER_ID].astype(int), self.layers.assignments[LAYER_COARSE].astype(int), strict=True))
+            self.user_layer = dict(
+                zip(self.layers.assignments[USER_ID].astype(int), self.layers.assignments[LAYER_COARSE].astype(int), strict=True)
+            )
         else:
             self.item_layer = np.full(len(self.index), -1)
             self.layer_names, self.layer_popular, self.user_layer = {}, {}, {}
@@ -248,4 +252,13 @@ def item_table(catalog: pd.DataFrame, index: ItemIndex, popularity: np.ndarray, 
     return out
 
 
-__all__ = ["LAYER_NAME", "Recommendation", "RecommenderBundle", "item_table", "load_layers", "save_layers", "write_json_atomic", "write_parquet_atomic"]
+__all__ = [
+    "LAYER_NAME",
+    "Recommendation",
+    "RecommenderBundle",
+    "item_table",
+    "load_layers",
+    "save_layers",
+    "write_json_atomic",
+    "write_parquet_atomic",
+]

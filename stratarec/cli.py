@@ -163,7 +163,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     os.environ.setdefault("BENTOML_HOME", str(Path(monitor_cfg.workspace) / "bentoml"))
     run_retrain_local(monitor_cfg, retrain_cfg)
     drift = json.loads((Path(monitor_cfg.runs_dir) / monitor_cfg.run_id / "stages" / "monitor.json").read_text())
-    print(f"drift_detected={drift['summary'].get('drift_detected')} retrained={(Path(retrain_cfg.runs_dir) / run_id / 'stages' / 'train.json').exists()}")
+    print(
+        f"drift_detected={drift['summary'].get('drift_detected')} "
+        f"retrained={(Path(retrain_cfg.runs_dir) / run_id / 'stages' / 'train.json').exists()}"
+    )
     return 0
 
 

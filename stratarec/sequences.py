@@ -155,6 +155,7 @@ TEST_ITEM = "test_item"
 
 def split_to_frame(split: SequenceSplit, index: ItemIndex) -> pd.DataFrame:
     """Serialise a split with external item ids (val/test -1 when absent)."""
+
     def ext(rows: np.ndarray) -> np.ndarray:
         return np.where(rows > 0, index.item_ids[np.maximum(rows, 1) - 1], -1)
 

@@ -222,7 +222,9 @@ def evaluate_candidate(
     slices["cold_items"] = _cold_item_mask(split, n, cfg.evaluation.cold_item_max_train)
 
     def run(scorer: Scorer) -> dict:
-        return evaluate_scorer(scorer, inputs, seen, split.test_targets, k, n, item_vectors=vectors, item_popularity=popularity, slices=slices)
+        return evaluate_scorer(
+            scorer, inputs, seen, split.test_targets, k, n, item_vectors=vectors, item_popularity=popularity, slices=slices
+        )
 
     report: dict = {"k": k, "candidate": run(bundle.scorer)}
     report["baselines"] = {b.name: run(b) for b in build_baselines(list(cfg.gate.baselines), split.train, n)}

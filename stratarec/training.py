@@ -1,5 +1,7 @@
-"""Training loop for the sequential recommender: full-softmax cross-entropy, early stopping
-on validation NDCG@10, a checkpoint every epoch, resume after a kill, and warm start.
+"""Training loop for the sequential recommender.
+
+Full-softmax cross-entropy, early stopping on validation NDCG@10, a checkpoint every epoch,
+resume after a kill, and warm start.
 
 Full cross-entropy over the whole catalogue is what lifts SASRec from ~0.13 to ~0.18
 NDCG@10 on ML-1M (Klenitskiy & Vasilev, RecSys 2023); with catalogues of a few thousand
@@ -111,8 +113,10 @@ class TrainResult:
 
 
 def _causal_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
-    """Cut each history into windows of up to ``max_len + 1`` items, newest first, so long
-    histories contribute all their transitions rather than only the last ``max_len``."""
+    """Cut each history into windows of up to ``max_len + 1`` items, newest first.
+
+    Long histories then contribute all their transitions, not only the last ``max_len``.
+    """
     windows = []
     for seq in train:
         end = len(seq)
@@ -165,7 +169,9 @@ def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device
     return nn.functional.cross_entropy(logits.float(), y[real] - 1)
 
 
-def _masked_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, generator: torch.Generator, mask_prob: float = 0.2) -> torch.Tensor:
+def _masked_loss(
+    model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, generator: torch.Generator, mask_prob: float = 0.2
+) -> torch.Tensor:
     items, lengths = pad_right(windows, model.arch.max_len)
     x = torch.from_numpy(items)
     real = x > 0
@@ -183,7 +189,9 @@ def _masked_loss(model: SequentialRecommender, windows: list[np.ndarray], device
     return nn.functional.cross_entropy(logits.float(), y[sel] - 1)
 
 
-def validation_ndcg(model: SequentialRecommender, inputs: list[np.ndarray], targets: np.ndarray, device: torch.device, k: int = 10) -> float:
+def validation_ndcg(
+    model: SequentialRecommender, inputs: list[np.ndarray], targets: np.ndarray, device: torch.device, k: int = 10
+) -> float:
     """Mean NDCG@K on validation targets, the inputs' items excluded."""
     keep = np.flatnonzero(np.asarray(targets) > 0)
     if len(keep) == 0:

@@ -1,7 +1,7 @@
 """Compile checks: task names, the GPU request on train, and the dsl.If gates."""
 
-import yaml
 import pytest
+import yaml
 
 from stratarec.pipelines.retrain import RETRAIN_GATE
 from stratarec.pipelines.runners import compile_pipelines

@@ -95,8 +95,12 @@ def bundle_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bundle")
     users, vectors, histories, item_genres, titles = planted(n_per=20)
     idx = ItemIndex(np.arange(1, 31) * 7)  # external ids differ from rows
-    split = SequenceSplit(users=users, train=histories, val_targets=np.zeros(len(users), np.int64), test_targets=np.zeros(len(users), np.int64))
-    res = train_sequential(split, idx, None, ModelConfig(hidden_size=16, num_layers=1, max_len=8, text_init=False), TrainConfig(epochs=2), d / "ck")
+    split = SequenceSplit(
+        users=users, train=histories, val_targets=np.zeros(len(users), np.int64), test_targets=np.zeros(len(users), np.int64)
+    )
+    res = train_sequential(
+        split, idx, None, ModelConfig(hidden_size=16, num_layers=1, max_len=8, text_init=False), TrainConfig(epochs=2), d / "ck"
+    )
     save_trained_model(res.model, idx, d / "b")
     catalog = pd.DataFrame({"item_id": idx.item_ids, "title": titles, "genres": item_genres})
     item_table(catalog, idx, split.train_item_counts(30)).to_parquet(d / "b" / "items.parquet")

@@ -56,7 +56,9 @@ def test_tiny_training_beats_most_popular(tmp_path):
 def test_model_never_recommends_seen_items(tmp_path):
     split = walk_split(n_users=40)
     idx = ItemIndex(np.arange(1, N_ITEMS + 1))
-    res = train_sequential(split, idx, None, SMALL.model_copy(update={"text_init": False}), FAST.model_copy(update={"epochs": 2}), tmp_path / "ck")
+    res = train_sequential(
+        split, idx, None, SMALL.model_copy(update={"text_init": False}), FAST.model_copy(update={"epochs": 2}), tmp_path / "ck"
+    )
     inputs = split.test_inputs()
     ranked = rank_top_k(ModelScorer(res.model), inputs, inputs, k=N_ITEMS - 25)
     for row, seen in zip(ranked, inputs, strict=True):
@@ -66,7 +68,14 @@ def test_model_never_recommends_seen_items(tmp_path):
 def test_bidirectional_variant_trains(tmp_path):
     split = walk_split(n_users=60)
     idx = ItemIndex(np.arange(1, N_ITEMS + 1))
-    res = train_sequential(split, idx, text_for(), SMALL.model_copy(update={"architecture": "bidirectional"}), FAST.model_copy(update={"epochs": 2}), tmp_path / "ck")
+    res = train_sequential(
+        split,
+        idx,
+        text_for(),
+        SMALL.model_copy(update={"architecture": "bidirectional"}),
+        FAST.model_copy(update={"epochs": 2}),
+        tmp_path / "ck",
+    )
     scores = ModelScorer(res.model).score(split.test_inputs()[:3])
     assert scores.shape == (3, N_ITEMS) and np.isfinite(scores).all()
 
