@@ -15,11 +15,8 @@ Results are read from the snapshot's dict by metric type and column name, never 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +28,10 @@ from evidently.presets import DataDriftPreset
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydantic import BaseModel, Field
-from stratarec.monitoring.frames import MONITORED_COLUMNS, PREDICTION_COLUMNS, ColumnSet
 
+from stratarec.atomic import write_atomic as _atomic_write
 from stratarec.config import MonitorConfig
+from stratarec.monitoring.frames import MONITORED_COLUMNS, PREDICTION_COLUMNS, ColumnSet
 from stratarec.schema import LAYER_COARSE, SERVED_LAYER
 
 logger = logging.getLogger(__name__)
@@ -140,9 +138,7 @@ def detect_drift(
     columns = _common_columns(reference, current, MONITORED_COLUMNS, what="event")
     pred_columns: ColumnSet | None = None
     if reference_predictions is not None and current_predictions is not None:
-        pred_columns = _common_columns(
-            reference_predictions, current_predictions, PREDICTION_COLUMNS, what="prediction"
-        )
+        pred_columns = _common_columns(reference_predictions, current_predictions, PREDICTION_COLUMNS, what="prediction")
         if SERVED_LAYER not in pred_columns.all:
             raise ValueError(f"prediction frames need a {SERVED_LAYER!r} column")
 
@@ -254,13 +250,9 @@ def _common_columns(reference: pd.DataFrame, current: pd.DataFrame, declared: Co
     return kept
 
 
-def _run_drift_report(
-    reference: pd.DataFrame, current: pd.DataFrame, columns: ColumnSet, cfg: MonitorConfig
-) -> _DriftRun:
+def _run_drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: ColumnSet, cfg: MonitorConfig) -> _DriftRun:
     """Run Evidently's drift preset on ``columns`` and read its results by metric type and column."""
-    definition = DataDefinition(
-        numerical_columns=list(columns.numerical), categorical_columns=list(columns.categorical)
-    )
+    definition = DataDefinition(numerical_columns=list(columns.numerical), categorical_columns=list(columns.categorical))
     names = list(columns.all)
     report = Report(
         [
@@ -313,12 +305,8 @@ def _parse_snapshot(snapshot: dict[str, Any], names: list[str], html: str) -> _D
     )
     n_drifted, share = int(round(count["count"])), float(count["share"])
     if n_drifted != len(drifted):
-        logger.warning(
-            "Evidently counts %d drifted columns but %d column tests failed: %s", n_drifted, len(drifted), drifted
-        )
-    return _DriftRun(
-        html=html, scores={name: scores[name] for name in names}, drifted=drifted, n_drifted=n_drifted, share=share
-    )
+        logger.warning("Evidently counts %d drifted columns but %d column tests failed: %s", n_drifted, len(drifted), drifted)
+    return _DriftRun(html=html, scores={name: scores[name] for name in names}, drifted=drifted, n_drifted=n_drifted, share=share)
 
 
 def _shares(frame: pd.DataFrame, column: str) -> dict[str, float]:
@@ -341,18 +329,6 @@ def _total_variation(p: dict[str, float], q: dict[str, float]) -> float:
     """Total variation distance between two share dicts: the share of mass that moved layer."""
     keys = set(p) | set(q)
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see half a file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_summary_png(

@@ -128,8 +128,7 @@ def split_windows(events: pd.DataFrame, current_fraction: float) -> tuple[pd.Dat
     reference, current = events.loc[~is_current], events.loc[is_current]
     if reference.empty or current.empty:
         raise ValueError(
-            f"split at {cut} leaves an empty window (reference={len(reference)}, current={len(current)}); "
-            "the events span too little time"
+            f"split at {cut} leaves an empty window (reference={len(reference)}, current={len(current)}); the events span too little time"
         )
     return reference.copy(), current.copy()
 

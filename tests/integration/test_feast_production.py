@@ -1,0 +1,138 @@
+"""Real Feast, production profile: Redis 127.0.0.1:6379 online store, SQL registry on PostgreSQL 127.0.0.1:5432.
+
+Each run uses its own Feast project (the suffix of every Redis key it writes) and its own
+PostgreSQL schema (where the registry tables live), both named with a fresh uuid, and
+removes both afterwards. An unreachable Redis or PostgreSQL fails the test: a skip would
+let CI pass without ever checking the production profile.
+"""
+
+import uuid
+
+import pandas as pd
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from stratarec.config import FeatureConfig
+from stratarec.feature_repo.store import (
+    online_item_features,
+    online_user_features,
+    open_store,
+    publish_features,
+    publish_user_layers,
+    training_frame,
+)
+from stratarec.features import compute_item_catalog, compute_user_activity, genre_vocabulary, order_events
+from stratarec.text_encoder import embed_texts, item_text
+
+pytestmark = pytest.mark.integration
+
+T0 = pd.Timestamp("2024-03-01 12:00:00", tz="UTC")
+
+
+def _redis_client(cfg: FeatureConfig) -> redis.Redis:
+    host, port = cfg.redis_connection.split(",")[0].rsplit(":", 1)
+    return redis.Redis(host=host, port=int(port), socket_connect_timeout=3)
+
+
+@pytest.fixture()
+def production(tmp_path):
+    tag = uuid.uuid4().hex[:12]
+    cfg = FeatureConfig(profile="production", project=f"stratarec_it_{tag}", registry_schema=f"stratarec_it_{tag}", recent_items_len=2)
+    client = _redis_client(cfg)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at {cfg.redis_connection} is unreachable ({exc}); start it, e.g. `redis-server --daemonize yes`")
+    engine = create_engine(cfg.registry_url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # sqlalchemy wraps the driver's error types
+        pytest.fail(f"PostgreSQL at {cfg.registry_url} is unreachable ({type(exc).__name__}: {exc}); start it before the integration tests")
+
+    yield tmp_path, cfg, client, engine
+
+    suffix = cfg.project.encode()
+    keys = list(client.scan_iter(match=b"*" + suffix, count=1000))
+    if keys:
+        client.delete(*keys)
+    with engine.begin() as conn:
+        conn.execute(text("SET lock_timeout = '20s'"))
+        conn.execute(text(f'DROP SCHEMA IF EXISTS "{cfg.registry_schema}" CASCADE'))
+    assert not list(client.scan_iter(match=b"*" + suffix, count=1000)), "Redis keys of the test project survived cleanup"
+    with engine.connect() as conn:
+        left = conn.execute(text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"), {"s": cfg.registry_schema}).all()
+    assert not left, f"schema {cfg.registry_schema} survived cleanup"
+    engine.dispose()
+    client.close()
+
+
+def _tables():
+    items = pd.DataFrame(
+        {
+            "item_id": pd.array([1, 2, 3], dtype="Int64"),
+            "title": pd.array(["One (1990)", "Two (1991)", "Three"], dtype="string"),
+            "genres": pd.array(["Action", "Comedy|Drama", "Drama"], dtype="string"),
+            "release_year": pd.array([1990, 1991, None], dtype="Int64"),
+        }
+    )
+    rows = [(10, 1, 0), (10, 2, 60), (10, 3, 120), (20, 3, 30)]
+    events = pd.DataFrame(
+        {
+            "user_id": pd.array([r[0] for r in rows], dtype="Int64"),
+            "item_id": pd.array([r[1] for r in rows], dtype="Int64"),
+            "rating": 3.0,
+            "event_timestamp": [T0 + pd.Timedelta(seconds=r[2]) for r in rows],
+        }
+    )
+    return events, items
+
+
+def test_production_profile_apply_materialize_and_read(production):
+    repo, cfg, client, engine = production
+    events, items = _tables()
+    ordered = order_events(events)
+    activity = compute_user_activity(ordered, items, genre_vocabulary(items), cfg.recent_items_len)
+    catalog = compute_item_catalog(ordered, items, embed_texts(item_text(items), encoder="hashing"), ordered.event_timestamp.min())
+
+    summary = publish_features(repo, cfg, activity, catalog)
+    assert summary["profile"] == "production" and summary["online_users"] == 2
+
+    store = open_store(repo, cfg)
+    users = online_user_features(store, [10, 20])
+    assert users[10]["recent_items"] == [2, 3] and users[10]["event_count"] == 3
+    assert users[20]["recent_items"] == [3]
+    assert online_item_features(store, [3])[3]["release_year"] == -1
+
+    # Point in time over the same store: a cut-off between events 2 and 3 sees the snapshot after 2.
+    cut = pd.DataFrame({"user_id": [10], "event_timestamp": [T0 + pd.Timedelta(seconds=90)]})
+    assert training_frame(store, cut).event_count.tolist() == [2]
+
+    publish_user_layers(
+        repo,
+        cfg,
+        pd.DataFrame(
+            {
+                "user_id": [10],
+                "event_timestamp": T0 + pd.Timedelta(days=1),
+                "created_timestamp": T0 + pd.Timedelta(days=1),
+                "layer_coarse": [1],
+                "layer_fine": [4],
+                "layer_name": ["drama"],
+            }
+        ),
+    )
+    assert online_user_features(store, [10])[10]["layer_name"] == "drama"
+
+    # Isolation: every key this run wrote ends with its project name (2 users + 3 items)...
+    assert len(list(client.scan_iter(match=b"*" + cfg.project.encode(), count=1000))) == 5
+    # ...and the registry rows live in the run's schema and nowhere else (other runs may share the server).
+    with engine.connect() as conn:
+        schemas = conn.execute(text("SELECT table_schema FROM information_schema.tables WHERE table_name = 'projects'")).scalars().all()
+        holding = [
+            schema
+            for schema in schemas
+            if conn.execute(text(f'SELECT 1 FROM "{schema}".projects WHERE project_id = :p'), {"p": cfg.project}).first()
+        ]
+    assert holding == [cfg.registry_schema]
