@@ -348,13 +348,19 @@ def _historical(store: FeatureStore, entity_df: pd.DataFrame, service, key: str)
     # its Dask join (a) collapses repeated pairs into one row and (b) drops an entity row
     # whose entity has feature rows, all of them after the cut-off, instead of returning
     # nulls. Pass-through columns never go through Feast, so it cannot reorder or retype them.
+    # (b) also holds across views: one view whose rows all postdate the cut-off (the user
+    # layers, published after the previous model was trained) would empty the whole answer.
+    # So each view of the service is read on its own and joined back here.
     unique = entity[[key, EVENT_TIMESTAMP]].drop_duplicates(ignore_index=True)
-    with _fast_dask_tokens():
-        got = store.get_historical_features(entity_df=unique, features=service).to_df()
-    got[key] = got[key].to_numpy(dtype=np.int64)
-    got[EVENT_TIMESTAMP] = pd.to_datetime(got[EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
-    features = [c for c in got.columns if c not in (key, EVENT_TIMESTAMP)]
-    return entity.merge(got[[key, EVENT_TIMESTAMP, *features]], on=[key, EVENT_TIMESTAMP], how="left", validate="many_to_one")
+    for projection in service.feature_view_projections:
+        refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
+        with _fast_dask_tokens():
+            got = store.get_historical_features(entity_df=unique, features=refs).to_df()
+        got[key] = got[key].to_numpy(dtype=np.int64)
+        got[EVENT_TIMESTAMP] = pd.to_datetime(got[EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")
+        features = [c for c in got.columns if c not in (key, EVENT_TIMESTAMP)]
+        entity = entity.merge(got[[key, EVENT_TIMESTAMP, *features]], on=[key, EVENT_TIMESTAMP], how="left", validate="many_to_one")
+    return entity
 
 
 @contextlib.contextmanager

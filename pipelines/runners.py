@@ -7,10 +7,15 @@ subprocess of this virtualenv, as it would run in its container on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import logging
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler, local
 
@@ -54,6 +59,35 @@ def with_run_paths(cfg: StrataConfig, run_id: str) -> StrataConfig:
     )
 
 
+@contextlib.contextmanager
+def _conditions_on_named_outputs() -> Iterator[None]:
+    """Let kfp.local (2.17) evaluate ``dsl.If`` on a named output of a multi-output component.
+
+    The compiler names such a channel ``<task>-<output>`` (one dash). kfp.local's condition
+    evaluator only recognises ``<task>-Output`` or ``<task>--<output>``, takes anything else
+    for a parent input, fails to find it and skips the branch: the gate would never open.
+    This adds the missing lookup (split at each dash, try it as a task output) for the
+    duration of a local run only; the compiled YAML and a cluster run are untouched.
+    """
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as dag
+
+    evaluator = dag.ConditionEvaluator
+    original = evaluator.__dict__["_resolve_pipeline_channel"]
+
+    def resolve(channel_ref: str, io_store: Any) -> Any:
+        ref = channel_ref.removeprefix("pipelinechannel--")
+        for i in [i for i, ch in enumerate(ref) if ch == "-"]:
+            with contextlib.suppress(Exception):
+                return io_store.get_task_output(ref[:i], ref[i + 1 :])
+        return original.__func__(channel_ref, io_store)
+
+    evaluator._resolve_pipeline_channel = staticmethod(resolve)
+    try:
+        yield
+    finally:
+        evaluator._resolve_pipeline_channel = original
+
+
 def run_local(cfg: StrataConfig, pipeline_root: Path | None = None) -> dict:
     """Run ``training_pipeline`` with kfp.local. Raises ``RuntimeError`` when a task fails.
 
@@ -62,15 +96,94 @@ def run_local(cfg: StrataConfig, pipeline_root: Path | None = None) -> dict:
     """
     root = Path(pipeline_root) if pipeline_root else Path(cfg.runs_dir) / cfg.run_id / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    task = training_pipeline(config_json=cfg.to_json())
+    with _conditions_on_named_outputs():
+        task = training_pipeline(config_json=cfg.to_json())
     return {"outputs": getattr(task, "outputs", {})}
+
+
+def run_and_report(cfg: StrataConfig, announce: Callable[[str], None] = log.info) -> tuple[dict, Path]:
+    """Run ``training_pipeline`` locally under a new run id; write summary.json and report.html.
+
+    A failed task does not raise: the summary says which stage failed and why, so callers
+    (the CLI, tests) decide what a failure means.
+
+    Args:
+        cfg: The run's config; the workspace, runs and data paths are made absolute.
+        announce: Receives one line naming the run before it starts.
+
+    Returns:
+        ``(summary, run_dir)``.
+    """
+    from stratarec.report import collect_summary, write_report_html
+
+    cfg = with_run_paths(cfg, new_run_id())
+    run_dir = Path(cfg.runs_dir) / cfg.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json())
+    announce(f"stratarec: run {cfg.run_id} (data: {cfg.data.source} from {cfg.data.data_dir}, workspace {cfg.workspace})")
+    started = time.monotonic()
+    status, error = "succeeded", ""
+    try:
+        run_local(cfg)
+    except Exception as exc:  # a failed task: report the stage and its one-line reason
+        status, error = "failed", failure_line(run_dir, exc)
+    summary = collect_summary(run_dir, cfg.run_id, time.monotonic() - started, status, error)
+    write_report_html(summary, run_dir, (summary.get("training") or {}).get("history"))
+    return summary, run_dir
+
+
+def retrain_and_report(cfg: StrataConfig, announce: Callable[[str], None] = log.info) -> tuple[dict, dict | None]:
+    """Run ``retrain_on_drift_pipeline`` locally: a drift check, then warm-started training on drift.
+
+    Args:
+        cfg: Config of the latest data; the retraining run gets ``train.warm_start = true``.
+        announce: Receives one line naming the runs before they start.
+
+    Returns:
+        ``(drift, summary)``: the monitor stage's drift result, and the retraining run's
+        summary (``None`` when no drift, so nothing was retrained).
+    """
+    from stratarec.report import collect_summary, write_report_html
+
+    run_id = new_run_id("retrain")
+    monitor_cfg = with_run_paths(cfg, run_id + "-monitor")
+    retrain_cfg = with_run_paths(cfg.model_copy(update={"train": cfg.train.model_copy(update={"warm_start": True})}), run_id)
+    monitor_dir, run_dir = (Path(c.runs_dir) / c.run_id for c in (monitor_cfg, retrain_cfg))
+    monitor_dir.mkdir(parents=True, exist_ok=True)
+    announce(f"stratarec: drift check {monitor_cfg.run_id}; on drift, warm-started retraining {retrain_cfg.run_id}")
+    started = time.monotonic()
+    status, error = "succeeded", ""
+    try:
+        run_retrain_local(monitor_cfg, retrain_cfg)
+    except Exception as exc:
+        status, error = "failed", failure_line(run_dir if (run_dir / "stages").exists() else monitor_dir, exc)
+    monitor_record = monitor_dir / "stages" / "monitor.json"
+    drift = json.loads(monitor_record.read_text()).get("summary", {}) if monitor_record.exists() else {}
+    if error and not drift:
+        raise RuntimeError(error)
+    if not (run_dir / "stages").exists():
+        return drift, None
+    summary = collect_summary(run_dir, retrain_cfg.run_id, time.monotonic() - started, status, error)
+    write_report_html(summary, run_dir, (summary.get("training") or {}).get("history"))
+    return drift, summary
+
+
+def failure_line(run_dir: Path, exc: Exception) -> str:
+    """Name the failed stage and its reason from the stage records, else from the exception."""
+    for path in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        rec = json.loads(path.read_text())
+        if rec.get("status") == "failed":
+            return f"stage '{rec['stage']}' failed: {rec.get('reason', '')}"
+    text = str(exc).strip()
+    return f"pipeline failed: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
 def run_retrain_local(monitor_cfg: StrataConfig, retrain_cfg: StrataConfig, pipeline_root: Path | None = None) -> dict:
     """Run the drift-check-then-retrain pipeline with kfp.local."""
     root = Path(pipeline_root) if pipeline_root else Path(monitor_cfg.runs_dir) / monitor_cfg.run_id / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    task = retrain_on_drift_pipeline(monitor_config_json=monitor_cfg.to_json(), retrain_config_json=retrain_cfg.to_json())
+    with _conditions_on_named_outputs():
+        task = retrain_on_drift_pipeline(monitor_config_json=monitor_cfg.to_json(), retrain_config_json=retrain_cfg.to_json())
     return {"outputs": getattr(task, "outputs", {})}
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -54,7 +53,8 @@ def _print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Logs and CI capture are not terminals (rich would assume 80 columns and cut the metrics).
+    console = Console(width=max(Console().width, 120))
     t = Table(title=f"stratarec run {summary['run_id']} — {summary['status']} in {summary['total_seconds']} s")
     for col in ("stage", "status", "seconds", "note"):
         t.add_column(col)
@@ -72,7 +72,7 @@ def _print_summary(summary: dict) -> None:
         if m.get("production"):
             rows.append(("production", m["production"]))
         for name, rep in rows:
-            mt.add_row(name, *[f"{rep['overall'].get(k, float('nan')):.4f}" for k in keys])
+            mt.add_row(name, *[_cell(k, rep["overall"].get(k)) for k in keys])
         console.print(mt)
     if summary.get("gate"):
         console.print(f"gate: promote={summary['gate']['promote']} — {summary['gate']['reason']}")
@@ -80,45 +80,27 @@ def _print_summary(summary: dict) -> None:
         console.print(f"bento: {summary['bento_tag']}  model: {summary['model_tag']}")
 
 
+def _cell(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if key == "users" else f"{value:.4f}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the training pipeline through kfp.local and write summary.json and report.html."""
-    from stratarec.pipelines.runners import new_run_id, run_local, with_run_paths
-    from stratarec.report import collect_summary, write_report_html
+    from stratarec.pipelines.runners import run_and_report
 
     cfg = build_config(args)
     if args.warm_start:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"warm_start": True})})
-    cfg = with_run_paths(cfg, new_run_id())
-    run_dir = Path(cfg.runs_dir) / cfg.run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json())
-    os.environ.setdefault("BENTOML_HOME", str(Path(cfg.workspace) / "bentoml"))
-    print(f"stratarec: run {cfg.run_id} (data: {cfg.data.source} from {cfg.data.data_dir}, workspace {cfg.workspace})", flush=True)
-    started = time.monotonic()
-    status, error = "succeeded", ""
-    try:
-        run_local(cfg)
-    except Exception as exc:  # a failed task: report the stage and its one-line reason
-        status = "failed"
-        error = _failure_line(run_dir, exc)
-    summary = collect_summary(run_dir, cfg.run_id, time.monotonic() - started, status, error)
-    history = (summary.get("training") or {}).get("history")
-    report = write_report_html(summary, run_dir, history)
+    os.environ.setdefault("BENTOML_HOME", str(cfg.workspace_path / "bentoml"))
+    summary, run_dir = run_and_report(cfg, announce=lambda line: print(line, flush=True))
     _print_summary(summary)
-    print(f"summary: {run_dir / 'summary.json'}\nreport:  {report}")
-    if status != "succeeded":
-        print(f"stratarec: FAILED — {error}", file=sys.stderr)
+    print(f"summary: {run_dir / 'summary.json'}\nreport:  {run_dir / 'report.html'}")
+    if summary["status"] != "succeeded":
+        print(f"stratarec: FAILED — {summary['error']}", file=sys.stderr)
         return 1
     return 0
-
-
-def _failure_line(run_dir: Path, exc: Exception) -> str:
-    """Name the failed stage and its reason from the stage records, else from the exception."""
-    for path in sorted((run_dir / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        rec = json.loads(path.read_text())
-        if rec.get("status") == "failed":
-            return f"stage '{rec['stage']}' failed: {rec.get('reason', '')}"
-    return f"pipeline failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -148,8 +130,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Drift check on the latest data; with --retrain, run the retrain-on-drift pipeline."""
-    from stratarec.pipelines.runners import new_run_id, run_retrain_local, with_run_paths
-
     cfg = build_config(args)
     if not args.retrain:
         from stratarec.monitoring.pipeline_io import monitor_from_config
@@ -157,16 +137,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         result = monitor_from_config(cfg, Path(args.report))
         print(json.dumps(result.model_dump(), indent=2, default=str))
         return 0
-    run_id = new_run_id("retrain")
-    monitor_cfg = with_run_paths(cfg, run_id + "-monitor")
-    retrain_cfg = with_run_paths(cfg.model_copy(update={"train": cfg.train.model_copy(update={"warm_start": True})}), run_id)
-    os.environ.setdefault("BENTOML_HOME", str(Path(monitor_cfg.workspace) / "bentoml"))
-    run_retrain_local(monitor_cfg, retrain_cfg)
-    drift = json.loads((Path(monitor_cfg.runs_dir) / monitor_cfg.run_id / "stages" / "monitor.json").read_text())
-    print(
-        f"drift_detected={drift['summary'].get('drift_detected')} "
-        f"retrained={(Path(retrain_cfg.runs_dir) / run_id / 'stages' / 'train.json').exists()}"
-    )
+    from stratarec.pipelines.runners import retrain_and_report
+
+    os.environ.setdefault("BENTOML_HOME", str(cfg.workspace_path / "bentoml"))
+    drift, summary = retrain_and_report(cfg, announce=lambda line: print(line, flush=True))
+    print(f"drift_detected={drift.get('drift_detected')} drifted_share={drift.get('drifted_share')}")
+    if summary is None:
+        print("no drift past the policy: nothing retrained")
+        return 0
+    _print_summary(summary)
+    if summary["status"] != "succeeded":
+        print(f"stratarec: retraining FAILED — {summary['error']}", file=sys.stderr)
+        return 1
     return 0
 
 

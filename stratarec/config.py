@@ -41,7 +41,7 @@ class SyntheticConfig(_Strict):
     n_genres: int = Field(6, ge=2, le=18)
     events_per_user: int = Field(30, ge=3)
     seed: int = 7
-    drift: float = Field(0.0, ge=0.0, le=1.0, description="Share of each user's late events whose genre is shifted.")
+    drift: float = Field(0.0, ge=0.0, le=1.0, description="Share of users whose taste moves to disliked genres from 70% of the timeline on.")
     start: str = "2024-01-01"
     days: int = Field(120, ge=1)
 

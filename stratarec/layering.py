@@ -3,9 +3,10 @@
 Coarse clusters of users' interest vectors, and fine clusters inside each.
 
 The interest vector is the trained model's user state, the same vector that scores the
-next item, so layers group users who would get similar recommendations. Names use *lift*
-(a genre's share among members over its share overall), because raw shares would name
-every layer after the most common genre (Drama, on MovieLens).
+next item, so layers group users who would get similar recommendations. Names weigh a
+genre's share among members by its log-lift (share among members over share overall):
+raw shares would name every layer after the most common genre (Drama, on MovieLens), and
+lift alone after rare genres a few members touched.
 """
 
 from __future__ import annotations
@@ -74,22 +75,26 @@ def _describe(
     global_item: np.ndarray,
     cfg: LayerConfig,
 ) -> tuple[list[str], list[int], list[int], str]:
-    """Top genres by lift, representative items by lift, popular items, and a name."""
+    """Top genres and representative items (by share times log-lift), popular items, and a name."""
     items = np.concatenate([histories[u] for u in member_rows]) if len(member_rows) else np.zeros(0, np.int64)
     counts = np.bincount(items, minlength=len(global_item)).astype(np.float64)
     counts[0] = 0
     share_g = counts @ item_genre
     share_g = share_g / max(share_g.sum(), 1e-9)
+    # Score = share * log(lift): each genre's term of KL(layer || population). Plain lift
+    # names layers after rare genres a handful of members touched (Film-Noir, Musical);
+    # this favours what the layer watches a lot *and* more than everyone else does.
     lift_g = share_g / np.maximum(global_genre, 1e-9)
-    # Require a genre to matter inside the layer too, not just be rare overall.
-    lift_g = np.where(share_g >= 0.5 / max(len(genres), 1), lift_g, 0.0)
-    top_genres = [genres[j] for j in np.argsort(-lift_g)[: cfg.name_top_genres] if lift_g[j] > 0]
-    # Representative items: over-represented among members, with enough support to matter.
+    score_g = np.where(lift_g > 1.0, share_g * np.log(np.maximum(lift_g, 1e-9)), 0.0)
+    top_genres = [genres[j] for j in np.argsort(-score_g, kind="stable")[: cfg.name_top_genres] if score_g[j] > 0]
+    # Representative items, scored the same way: watched by many members, and by more of them
+    # than of the population; at least 10% of members must have seen one.
     member_share = counts / max(len(member_rows), 1)
     global_share = global_item / max(len(histories), 1)  # share of all users with the item
-    lift_i = np.where(member_share >= 0.1, member_share / np.maximum(global_share, 1e-9), 0.0)
-    lift_i[0] = 0
-    top_items = [int(i) for i in np.argsort(-lift_i)[: cfg.name_top_items] if lift_i[i] > 0]
+    lift_i = member_share / np.maximum(global_share, 1e-9)
+    score_i = np.where((member_share >= 0.1) & (lift_i > 1.0), member_share * np.log(np.maximum(lift_i, 1e-9)), 0.0)
+    score_i[0] = 0
+    top_items = [int(i) for i in np.argsort(-score_i, kind="stable")[: cfg.name_top_items] if score_i[i] > 0]
     popular = [int(i) for i in np.argsort(-counts)[:50] if counts[i] > 0]
     genre_part = " & ".join(top_genres) if top_genres else "Mixed"
     sample = "; ".join(str(titles[i - 1]) for i in top_items[:2])

@@ -148,6 +148,12 @@ def test_user_layers_are_appended_and_served(tmp_path):
     # History is kept: a cut-off between the releases sees the first layering.
     between = pd.DataFrame({"user_id": [1, 1], "event_timestamp": [release_1 + pd.Timedelta(hours=1), release_2]})
     assert training_frame(store, between).layer_name.tolist() == ["action", "drama"]
+    # Cut-offs before any layering (the next run's training set): activity features are
+    # still there and the layer is missing, rather than Feast dropping the rows.
+    before = pd.DataFrame({"user_id": [1, 2], "event_timestamp": [T0 + pd.Timedelta(hours=2), T0 + pd.Timedelta(hours=2)]})
+    frame = training_frame(store, before)
+    assert frame.event_count.tolist() == [4, 1] and [list(s) for s in frame.recent_items] == [[2, 3, 4], [5]]
+    assert frame.layer_name.isna().all()
 
 
 @pytest.mark.parametrize("name", ["feature_store.yaml", "feature_store.production.yaml"])
