@@ -41,7 +41,7 @@ class SyntheticConfig(_Strict):
     n_genres: int = Field(6, ge=2, le=18)
     events_per_user: int = Field(30, ge=3)
     seed: int = 7
-    drift: float = Field(0.0, ge=0.0, le=1.0, description="Share of users whose taste moves to disliked genres from 70% of the timeline on.")
+    drift: float = Field(0.0, ge=0.0, le=1.0, description="Share of users whose taste moves to disliked genres after 70% of the timeline.")
     start: str = "2024-01-01"
     days: int = Field(120, ge=1)
 
@@ -89,6 +89,28 @@ class FeatureConfig(_Strict):
     registry_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     registry_schema: str = "stratarec"
     freshness_hours: float = Field(24.0 * 365 * 100, gt=0, description="Older features make /readyz report degraded.")
+    materialize_chunks: int = Field(
+        4,
+        ge=1,
+        le=10_000,
+        description=(
+            "Materialization runs in this many event-time chunks of about equal row counts (rows sharing a timestamp "
+            "stay together); a watermark is recorded after each, so a rerun after a crash resumes there. Each chunk "
+            "re-scans the Parquet source (Feast's file offline store filters after reading), so more chunks cost more."
+        ),
+    )
+    materialize_chunk_hours: float | None = Field(
+        None,
+        gt=0,
+        description="If set, chunks span this many hours of event time instead (empty spans are skipped); overrides materialize_chunks.",
+    )
+    materialize_resume: bool = Field(
+        True,
+        description=(
+            "Resume an interrupted materialization of the same source bytes into the same online store from its "
+            "watermark. False always materializes every chunk again."
+        ),
+    )
 
 
 class ModelConfig(_Strict):
@@ -165,6 +187,20 @@ class ServingConfig(_Strict):
     max_k: int = 1000
     feature_timeout_ms: float = 50.0
     request_log: str = "request_log"
+    feature_retry_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="After a failed feature read, requests are answered degraded without a read for this long; then one read retries.",
+    )
+    request_log_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="A request-log file is closed and a new one started once it holds this many bytes."
+    )
+    request_log_max_files: int = Field(
+        64, ge=0, description="Request-log files each serving process keeps (oldest deleted first); 0 keeps them all."
+    )
+    request_log_queue: int = Field(
+        10_000, ge=1, description="Rows waiting for the request-log writer; when full, new rows are dropped and counted, never waited for."
+    )
 
 
 class MonitorConfig(_Strict):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from stratarec.bundle import write_json_atomic
+from stratarec.atomic import write_json_atomic
 
 REGISTRY_FILE = "production.json"
 

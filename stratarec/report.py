@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from stratarec.bundle import write_json_atomic
+from stratarec.atomic import write_json_atomic
 from stratarec.stages import STAGES
 
 

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from stratarec.bundle import write_json_atomic
+from stratarec.atomic import write_json_atomic
 from stratarec.config import StrataConfig
 from stratarec.registry import utc_now
 
