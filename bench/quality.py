@@ -86,7 +86,7 @@ def run_ml1m(args: argparse.Namespace) -> dict:
     inputs = data.train  # the protocol ranks given train/input.txt and excludes its items
     results = []
     t0 = time.perf_counter()
-    for b in build_baselines(["most_popular", "item_knn", "ease"], data.train, n):
+    for b in build_baselines(["most_popular", "item_knn", "ease"], data.train, n, validation=(data.val_inputs, data.val_targets)):
         start = time.perf_counter()
         m = evaluate_scorer(b, inputs, inputs, data.test_targets, K, n)["overall"]
         results.append({"model": b.name, **_pick(m), "train_s": round(time.perf_counter() - start, 1), "epochs": None})
@@ -194,7 +194,7 @@ def run_ml100k(args: argparse.Namespace) -> dict:
     cold_items = (split.test_targets > 0) & (counts[split.test_targets] <= 5)
     slices = {"cold_items": cold_items}
     results = []
-    for b in build_baselines(["most_popular", "item_knn", "ease"], split.train, n):
+    for b in build_baselines(["most_popular", "item_knn", "ease"], split.train, n, validation=(split.train, split.val_targets)):
         start = time.perf_counter()
         rep = evaluate_scorer(b, inputs, seen, split.test_targets, K, n, slices=slices)
         results.append(

@@ -227,7 +227,9 @@ def evaluate_candidate(
         )
 
     report: dict = {"k": k, "candidate": run(bundle.scorer)}
-    report["baselines"] = {b.name: run(b) for b in build_baselines(list(cfg.gate.baselines), split.train, n)}
+    baselines = build_baselines(list(cfg.gate.baselines), split.train, n, validation=(split.train, split.val_targets))
+    report["baselines"] = {b.name: run(b) for b in baselines}
+    report["baseline_params"] = {b.name: {"l2": b.l2} for b in baselines if hasattr(b, "l2")}
     production = read_production(cfg.workspace_path)
     report["production"] = None
     if production is not None and Path(production.model_dir).exists():

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stratarec.baselines import EASE, ItemKNN, MostPopular, build_baselines
+from stratarec.baselines import EASE, ItemKNN, MostPopular, build_baselines, tune_ease
+from stratarec.evaluation.ranking import evaluate_scorer
 from stratarec.sequences import ItemIndex, leave_last_out_cutoffs, pad_right, split_from_events, split_from_frame, split_to_frame
 
 pytestmark = pytest.mark.unit
@@ -73,3 +74,18 @@ def test_item_knn_and_ease_recover_co_occurrence():
 def test_build_baselines_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown baseline"):
         build_baselines(["nope"], [np.array([1])], 1)
+
+
+def test_tuned_ease_keeps_the_l2_with_the_best_validation_ndcg():
+    rng = np.random.default_rng(0)
+    # Two item groups (1-10, 11-20); users stay inside one group, so co-occurrence predicts.
+    train = [rng.choice(np.arange(1, 11) + 10 * (u % 2), size=6, replace=False) for u in range(60)]
+    val_targets = np.array([next(i for i in range(1, 11) if i + 10 * (u % 2) not in h) + 10 * (u % 2) for u, h in enumerate(train)])
+    grid = (0.1, 10.0, 1e6)
+    tuned = tune_ease(train, 21, (train, val_targets), grid=grid)
+    scores = {l2: evaluate_scorer(EASE(train, 21, l2=l2), train, train, val_targets, 10, 21)["overall"]["ndcg@10"] for l2 in grid}
+    assert tuned.l2 == max(grid, key=lambda l2: (scores[l2], -l2))
+    np.testing.assert_array_equal(tuned.weights, EASE(train, 21, l2=tuned.l2).weights)
+    built = build_baselines(["ease"], train, 21, validation=(train, val_targets))[0]
+    assert built.l2 == tune_ease(train, 21, (train, val_targets)).l2  # the default grid
+    assert build_baselines(["ease"], train, 21)[0].l2 == 250.0  # no validation: the fixed default
