@@ -26,16 +26,24 @@ class ItemIndex:
         if len(np.unique(ids)) != len(ids):
             raise ValueError("item_ids must be unique")
         object.__setattr__(self, "item_ids", ids)
-        object.__setattr__(self, "_lookup", pd.Series(np.arange(1, len(ids) + 1), index=ids))
+        # A sorted-array lookup, not a pandas index: pandas builds an index's hash table
+        # lazily on first use, and concurrent first uses from the service's threads race
+        # ("cannot reindex on an axis with duplicate labels"). numpy arrays are read-only here.
+        order = np.argsort(ids, kind="stable")
+        object.__setattr__(self, "_sorted_ids", ids[order])
+        object.__setattr__(self, "_sorted_rows", order.astype(np.int64) + 1)
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def to_index(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """External ids to rows; unknown ids map to 0 (padding) so callers can drop them."""
-        lookup: pd.Series = self._lookup  # type: ignore[attr-defined]
-        out = lookup.reindex(np.asarray(ids, dtype=np.int64)).to_numpy()
-        return np.nan_to_num(out, nan=0).astype(np.int64)
+        sorted_ids: np.ndarray = self._sorted_ids  # type: ignore[attr-defined]
+        query = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(sorted_ids) == 0:
+            return np.zeros(len(query), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(sorted_ids, query), len(sorted_ids) - 1)
+        return np.where(sorted_ids[pos] == query, self._sorted_rows[pos], 0)  # type: ignore[attr-defined]
 
     def to_ids(self, rows: np.ndarray) -> np.ndarray:
         """Rows (1-based) back to external ids."""

@@ -89,3 +89,16 @@ def test_tuned_ease_keeps_the_l2_with_the_best_validation_ndcg():
     built = build_baselines(["ease"], train, 21, validation=(train, val_targets))[0]
     assert built.l2 == tune_ease(train, 21, (train, val_targets)).l2  # the default grid
     assert build_baselines(["ease"], train, 21)[0].l2 == 250.0  # no validation: the fixed default
+
+
+def test_item_index_lookup_is_safe_from_many_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = np.arange(10, 5000, 3)
+    query = np.array([10, 11, 4999, 4996, 7, 13])
+    expected = [1, 0, 1664, 1663, 0, 2]  # id 10 + 3 * (row - 1)
+    for _ in range(20):  # a fresh index each time: the first concurrent uses are the risky ones
+        index = ItemIndex(ids)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: index.to_index(query).tolist(), range(32)))
+        assert all(r == expected for r in results)
