@@ -44,5 +44,8 @@ monitor: setup ## Drift check on the latest data (add ARGS=--retrain to retrain 
 bench-quality: setup ## Recommendation-quality benchmark (ARGS="--dataset ml-1m-sasrec --budget-minutes 120")
 	$(BIN)/python bench/quality.py $(ARGS)
 
+bench-serve: setup ## Serving load benchmark of the production Bento on Redis features (ARGS="--duration 30 --rate 150")
+	$(BIN)/python bench/serve.py $(ARGS)
+
 clean: ## Remove run outputs and the local workspace
 	rm -rf runs .stratarec build local_outputs

@@ -52,6 +52,13 @@ SOURCE_FILES: dict[str, str] = {
     USER_LAYER_VIEW: USER_LAYER_FILE,
     ITEM_CATALOG_VIEW: ITEM_CATALOG_FILE,
 }
+# The join key of each view's entity: materialization plans its chunks from the source's
+# (join key, event_timestamp) columns without a registry round trip.
+VIEW_JOIN_KEYS: dict[str, str] = {
+    USER_ACTIVITY_VIEW: USER_ID,
+    USER_LAYER_VIEW: USER_ID,
+    ITEM_CATALOG_VIEW: ITEM_ID,
+}
 
 # ttl 0 means "never expires" in Feast: a user's last snapshot stays their state however
 # long ago they were active (MovieLens ends in 1998); staleness is judged at serving time

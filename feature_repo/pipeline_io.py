@@ -71,7 +71,9 @@ def publish_and_build_training_set(
     """Compute and publish features, then write ordered events, the catalogue and the PIT training set.
 
     Returns:
-        Summary: feature service, materialization watermark, data window, row counts, seconds.
+        Summary: feature service, materialization watermark, data window, row counts, seconds,
+        and ``materialization``: per view, the chunks run and the chunks skipped because an
+        earlier, interrupted attempt had committed them (a KFP retry of this stage resumes).
     """
     from stratarec.feature_repo.store import open_store, publish_features
 
@@ -101,4 +103,5 @@ def publish_and_build_training_set(
         "training_users": len(training_set),
         "published": {k: v for k, v in published.items() if isinstance(v, int | float | str)},
         "repo": str(repo),
+        "materialization": published.get("materialization", {}),
     }

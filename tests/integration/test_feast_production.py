@@ -6,6 +6,7 @@ removes both afterwards. An unreachable Redis or PostgreSQL fails the test: a sk
 let CI pass without ever checking the production profile.
 """
 
+import json
 import uuid
 
 import pandas as pd
@@ -20,6 +21,7 @@ from stratarec.feature_repo.store import (
     open_store,
     publish_features,
     publish_user_layers,
+    read_watermark,
     training_frame,
 )
 from stratarec.features import compute_item_catalog, compute_user_activity, genre_vocabulary, order_events
@@ -38,7 +40,9 @@ def _redis_client(cfg: FeatureConfig) -> redis.Redis:
 @pytest.fixture()
 def production(tmp_path):
     tag = uuid.uuid4().hex[:12]
-    cfg = FeatureConfig(profile="production", project=f"stratarec_it_{tag}", registry_schema=f"stratarec_it_{tag}", recent_items_len=2)
+    cfg = FeatureConfig(
+        profile="production", project=f"stratarec_it_{tag}", registry_schema=f"stratarec_it_{tag}", recent_items_len=2, materialize_chunks=2
+    )
     client = _redis_client(cfg)
     try:
         client.ping()
@@ -98,8 +102,17 @@ def test_production_profile_apply_materialize_and_read(production):
 
     summary = publish_features(repo, cfg, activity, catalog)
     assert summary["profile"] == "production" and summary["online_users"] == 2
+    # Chunked materialization: 4 activity rows at 4 instants in 2 chunks, the catalogue (one instant) in 1.
+    assert summary["watermark"] == ordered.event_timestamp.max().isoformat()
+    assert (summary["chunks_total"], summary["chunks_skipped"], summary["resumed"]) == (3, 0, False)
+    watermark = read_watermark(repo)["views"]["user_activity"]
+    assert (watermark["committed"], len(watermark["chunks"]), watermark["watermark"]) == (2, 2, summary["watermark"])
+    assert cfg.redis_connection not in json.dumps(read_watermark(repo))  # the store is named by a digest only
 
     store = open_store(repo, cfg)
+    # Feast's registry (in the run's schema) recorded one interval per chunk, as the watermark did.
+    intervals = store.registry.get_feature_view("user_activity", cfg.project).materialization_intervals
+    assert [(s.isoformat(), e.isoformat()) for s, e in intervals] == [(c["start"], c["end"]) for c in watermark["chunks"]]
     users = online_user_features(store, [10, 20])
     assert users[10]["recent_items"] == [2, 3] and users[10]["event_count"] == 3
     assert users[20]["recent_items"] == [3]
@@ -109,7 +122,7 @@ def test_production_profile_apply_materialize_and_read(production):
     cut = pd.DataFrame({"user_id": [10], "event_timestamp": [T0 + pd.Timedelta(seconds=90)]})
     assert training_frame(store, cut).event_count.tolist() == [2]
 
-    publish_user_layers(
+    layered = publish_user_layers(
         repo,
         cfg,
         pd.DataFrame(
@@ -124,6 +137,7 @@ def test_production_profile_apply_materialize_and_read(production):
         ),
     )
     assert online_user_features(store, [10])[10]["layer_name"] == "drama"
+    assert layered["watermark"] == (T0 + pd.Timedelta(days=1)).isoformat() and layered["materialization"]["chunks"] == 1
 
     # Isolation: every key this run wrote ends with its project name (2 users + 3 items)...
     assert len(list(client.scan_iter(match=b"*" + cfg.project.encode(), count=1000))) == 5
