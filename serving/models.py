@@ -4,7 +4,10 @@ Wire names of shared columns come from :mod:`stratarec.schema` (as field aliases
 HTTP contract, Feast and monitoring can never disagree about ``user_id`` or ``item_id``.
 
 Inputs are strict: ``"1"``, ``1.5`` and ``true`` are not ids, unknown keys are rejected,
-and every error BentoML returns names the offending field in ``detail[].loc``.
+and every error BentoML returns names the offending field in ``detail[].loc``. Errors about
+the body as a whole (size, media type, malformed JSON) come from the service's request
+guard in the same shape, with ``loc`` ``["body"]``, ``["headers", "content-type"]`` or the
+field the parser stopped in.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ DEFAULT_K = _SERVING.default_k
 MAX_K = _SERVING.max_k
 MAX_EXCLUDE = 1000
 MAX_BATCH = 256
+# The largest valid body is a full batch with full exclude lists: 256 x 1000 ids of up to 19
+# digits, about 5 MB. Anything larger is refused before it is read (413).
+MAX_BODY_BYTES = 8 * 1024 * 1024
 # Ids travel to Feast and NumPy as int64: a larger JSON integer must be a 400, not an overflow.
 INT64_MAX = 2**63 - 1
 
@@ -79,6 +85,17 @@ class RecommendResponse(_Response):
     user_id: int = Field(alias=USER_ID)
     items: list[RecommendedItem]
     degraded: bool = Field(description="The feature store could not be read; the answer is a cold start.")
+    degraded_reason: str | None = Field(None, description="Why the answer is degraded, e.g. 'feature read timed out after 50 ms'.")
+    stale_features: bool = Field(
+        False,
+        description=(
+            "The answer used online features whose materialization watermark is older than the service's freshness bound "
+            "(or unknown); see POST /status."
+        ),
+    )
+    feature_watermark: str | None = Field(
+        None, description="End of the newest materialization of the user activity features (ISO 8601, UTC), when known."
+    )
     cold_start: bool = Field(description="No usable history: popular items of the user's layer, else of all users.")
     layer: int | None = Field(description="The user's coarse interest layer, when known.")
     layer_name: str | None = Field(alias=LAYER_NAME)
@@ -100,23 +117,68 @@ class SimilarItemsResponse(_Response):
 
 
 class FeatureStoreStatus(_Response):
-    """Reachability of the online feature store."""
+    """Reachability and freshness of the online feature store."""
 
     reachable: bool
     source: str = Field(description="Which feature source the service reads, e.g. 'feast:/path/to/feature_repo'.")
     feature_service: str = FEATURE_SERVICE
     error: str = ""
     latency_ms: float | None = None
+    watermark: str | None = Field(
+        None,
+        description="Newest materialization end time of the user activity view in the Feast registry (ISO 8601, UTC); null if never.",
+    )
+    age_hours: float | None = Field(None, description="Wall-clock now minus the watermark, in hours.")
+    freshness_bound_hours: float = Field(description="Features older than this are stale (FeatureConfig.freshness_hours).")
+    stale: bool = Field(description="The watermark is older than the bound, or unknown.")
+    freshness_error: str = Field("", description="Why the watermark could not be read, if it could not.")
+
+
+class RequestLogStatus(_Response):
+    """The served-request log's writer: what it wrote and what it had to drop."""
+
+    enabled: bool
+    directory: str | None = None
+    written: int = 0
+    dropped: int = Field(0, description="Rows dropped because the writer's queue was full (the response was never delayed).")
+    failed: int = Field(0, description="Rows lost to write errors (e.g. a full disk).")
+    queued: int = 0
+    files_rotated: int = 0
 
 
 class ServiceStatus(_Response):
     """What ``/readyz`` decides from, in detail."""
 
     ready: bool
+    not_ready_reasons: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Why the service is not ready, one line per cause, e.g. "
+            "'features stale: watermark 1998-04-22T23:10:38Z is 250000 h old, bound 24 h'."
+        ),
+    )
     model_loaded: bool
+    model_error: str = Field("", description="Why the model could not be loaded (the service retries by itself).")
     model_tag: str
     n_items: int
     n_layers: int
-    feature_store: FeatureStoreStatus
+    feature_store: FeatureStoreStatus | None = Field(description="Null while no model is loaded: the model's config names the store.")
     requests_served: int
     requests_degraded: int
+    requests_stale: int = Field(0, description="Requests answered from stale features.")
+    request_log: RequestLogStatus
+
+
+class ErrorDetail(_Response):
+    """One problem with a request, in the shape of pydantic's (and BentoML's) validation errors."""
+
+    type: str
+    loc: list[str | int] = Field(description="Where the problem is: a field path, or 'body' / 'headers' for the request as a whole.")
+    msg: str
+
+
+class ErrorResponse(_Response):
+    """A 4xx/503 answer: a one-line summary and the problems it is made of."""
+
+    error: str
+    detail: list[ErrorDetail] | str = Field(description="The problems, or the name of the field that is wrong.")

@@ -1,33 +1,29 @@
 """The BentoML service end to end, in-process: a real tiny bundle, real Feast (SQLite), a real model store.
 
 The bundle is trained for a few epochs on synthetic sequences, its features are published
-to a temporary Feast repository, and it is saved to a temporary BentoML model store. The
-service then answers over HTTP through ``RecommenderService.to_asgi()`` and Starlette's
-test client, exactly as ``bentoml serve`` would route requests, without opening a port.
+to a temporary Feast repository, and it is saved to a temporary BentoML model store
+(fixtures in ``conftest.py``, shared with the fault and fuzz tests). The service then answers
+over HTTP through ``RecommenderService.to_asgi()`` and Starlette's test client, exactly as
+``bentoml serve`` would route requests, without opening a port.
+
+The request log's writer (:class:`RequestLog`) is also tested on its own here: rotation, and
+that a stalled disk (a FIFO nobody reads) never blocks a response.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import statistics
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from stratarec.bundle import item_table, save_layers, write_json_atomic, write_parquet_atomic
-from stratarec.config import FeatureConfig, LayerConfig, ModelConfig, ServingConfig, StrataConfig, SyntheticConfig, TrainConfig
-from stratarec.data.synthetic import generate_synthetic
-from stratarec.features import compute_item_catalog, compute_user_activity, genre_vocabulary, order_events
-from stratarec.layering import build_interest_layers
-from stratarec.schema import EVENT_TIMESTAMP, GENRES, ITEM_ID, LAYER_NAME, TITLE, USER_ID, USER_RECENT_ITEMS
-from stratarec.sequences import ItemIndex, split_from_events
-from stratarec.text_encoder import embed_texts, item_text
-from stratarec.training import ModelScorer, save_trained_model, train_sequential
+from stratarec.schema import ITEM_ID, LAYER_NAME, TITLE, USER_ID
 
 pytestmark = pytest.mark.integration
 
@@ -36,99 +32,10 @@ K = 5
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A workspace, with BentoML pointed at it before anything touches a BentoML store."""
-    ws = tmp_path_factory.mktemp("workspace")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BENTOML_HOME", str(ws / "bentoml"))
-        mp.setenv("BENTOML_DO_NOT_TRACK", "true")  # no usage-stats POSTs from tests
-        for var in ("STRATAREC_MODEL_TAG", "STRATAREC_FEATURE_REPO", "STRATAREC_REQUEST_LOG"):
-            mp.delenv(var, raising=False)
-        yield {"workspace": ws, "monkeypatch": mp}
-
-
-@pytest.fixture(scope="module")
-def released(env):
-    """Train, layer, publish features and layers to Feast, and save the bundle to the model store."""
-    from stratarec.feature_repo.pipeline_io import feature_repo_dir
-    from stratarec.feature_repo.store import publish_features, publish_user_layers
-    from stratarec.serving.package import save_to_model_store
-    from stratarec.serving.release import layer_feature_rows
-
-    ws = env["workspace"]
-    cfg = StrataConfig(
-        workspace=str(ws),
-        data={"source": "synthetic", "synthetic": SyntheticConfig(n_users=60, n_items=80, n_genres=4, events_per_user=14, seed=5)},
-        features=FeatureConfig(text_encoder="hashing", recent_items_len=30),
-        model=ModelConfig(hidden_size=16, num_heads=1, num_layers=1, max_len=12, text_init=False, dropout=0.1),
-        train=TrainConfig(epochs=3, batch_size=64, patience=5, seed=3, device="cpu"),
-        layers=LayerConfig(n_coarse=3, n_fine=1),
-        # The default 50 ms deadline is for production; two shared cores under a parallel
-        # test run can take longer, and a timeout here would turn "known user" into "degraded".
-        serving=ServingConfig(feature_timeout_ms=2000),
-    )
-    events, items = generate_synthetic(cfg.data.synthetic)
-    ordered = order_events(events)
-
-    # Features, as the features stage computes them; one user is held out of the activity view
-    # (but keeps a layer): the service must cold-start them from their layer.
-    genres = genre_vocabulary(items)
-    activity = compute_user_activity(ordered, items, genres, cfg.features.recent_items_len)
-    held_out = int(ordered[USER_ID].iloc[-1])
-    catalog = compute_item_catalog(ordered, items, embed_texts(item_text(items), encoder="hashing"), ordered[EVENT_TIMESTAMP].min())
-    repo = feature_repo_dir(cfg)
-    publish_features(repo, cfg.features, activity[activity[USER_ID] != held_out], catalog)
-
-    # Bundle: model, catalogue, layers, config.
-    bundle = ws / "bundle"
-    index = ItemIndex(np.sort(items[ITEM_ID].to_numpy()))
-    split = split_from_events(ordered, index)
-    result = train_sequential(split, index, None, cfg.model, cfg.train, ws / "checkpoints")
-    save_trained_model(result.model, index, bundle)
-    by_row = items.set_index(ITEM_ID).loc[index.item_ids]
-    histories = split.test_inputs()
-    layers = build_interest_layers(
-        split.users,
-        ModelScorer(result.model).user_vectors(histories),
-        histories,
-        by_row[GENRES].astype(str).tolist(),
-        by_row[TITLE].astype(str).tolist(),
-        genres,
-        cfg.layers,
-        seed=0,
-    )
-    save_layers(bundle, layers)
-    write_parquet_atomic(item_table(items, index, split.train_item_counts(len(index)), layers.item_layer), bundle / "items.parquet")
-    (bundle / "config.json").write_text(cfg.to_json())
-    write_json_atomic(bundle / "lineage.json", {"seed": cfg.train.seed, "git_sha": "test", "data_window": {"start": "", "end": ""}})
-
-    publish_user_layers(repo, cfg.features, layer_feature_rows(bundle, pd.Timestamp.now(tz="UTC")))
-    tag = save_to_model_store(bundle, cfg, {"stage": "production", "run_id": "test"}, {"reason": "integration test"})
-    last = activity.groupby(USER_ID).tail(1).set_index(USER_ID)
-    known = int(last.index[0])
-    return {
-        "cfg": cfg,
-        "tag": tag,
-        "bundle": bundle,
-        "known_user": known,
-        "known_history": [int(i) for i in last.loc[known, USER_RECENT_ITEMS]],
-        "held_out": held_out,
-        "held_out_layer": int(layers.assignments.set_index(USER_ID).loc[held_out, "layer_coarse"]),
-        "item_ids": index.item_ids.tolist(),
-    }
-
-
-@pytest.fixture(scope="module")
-def client(env, released):
-    from starlette.testclient import TestClient
-
-    from stratarec.serving.service import RecommenderService
-
-    env["monkeypatch"].setenv("STRATAREC_MODEL_TAG", released["tag"])
-    threads = torch.get_num_threads()  # the service sets torch's process-wide thread count
-    with TestClient(RecommenderService.to_asgi()) as c:
+def client(serve, released):
+    """The released model served in-process, through the one ASGI app of this test run (conftest.py)."""
+    with serve({"STRATAREC_MODEL_TAG": released["tag"]}) as c:
         yield c
-    torch.set_num_threads(threads)
 
 
 def post(client, route, body):
@@ -142,7 +49,9 @@ def test_known_user_gets_k_unseen_items_with_titles_and_layers(client, released)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["user_id"] == user and body["model_tag"] == released["tag"]
-    assert body["cold_start"] is False and body["degraded"] is False
+    assert body["cold_start"] is False and body["degraded"] is False and body["degraded_reason"] is None
+    assert body["stale_features"] is False  # the default bound (100 years) keeps 2024 demo data fresh
+    assert abs(pd.Timestamp(body["feature_watermark"]) - released["watermark"]) < pd.Timedelta(seconds=1)
     assert isinstance(body["layer"], int) and body[LAYER_NAME]
     ids = [it[ITEM_ID] for it in body["items"]]
     assert len(ids) == K == len(set(ids))
@@ -246,9 +155,17 @@ def test_probes_and_status(client, released):
     r = post(client, "/status", {})
     assert r.status_code == 200, r.text
     status = r.json()
-    assert status["ready"] and status["model_loaded"] and status["model_tag"] == released["tag"]
-    assert status["feature_store"]["reachable"] and status["feature_store"]["source"].startswith("feast:")
+    assert status["ready"] and status["not_ready_reasons"] == [] and status["model_loaded"] and status["model_error"] == ""
+    assert status["model_tag"] == released["tag"]
+    store = status["feature_store"]
+    assert store["reachable"] and store["source"].startswith("feast:") and store["latency_ms"] > 0
     assert status["n_items"] == len(released["item_ids"]) and status["n_layers"] == 3
+    # Freshness comes from the Feast registry's materialization intervals (the file registry here).
+    assert abs(pd.Timestamp(store["watermark"]) - released["watermark"]) < pd.Timedelta(seconds=1)
+    assert store["watermark"].endswith("Z") and store["stale"] is False and store["freshness_error"] == ""
+    assert store["freshness_bound_hours"] == released["cfg"].features.freshness_hours == 876_000
+    assert store["age_hours"] > 24 * 365  # synthetic 2024 data: old, yet within the demo bound
+    assert status["request_log"]["enabled"] and status["request_log"]["dropped"] == 0
 
 
 def test_openapi_is_typed(client):
@@ -256,21 +173,110 @@ def test_openapi_is_typed(client):
     for route in ("/recommend", "/recommend/batch", "/similar-items", "/status"):
         ok = spec["paths"][route]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert ok.get("properties"), route
+    assert {"healthz", "readyz"} <= {path.strip("/") for path in spec["paths"]}
+    response = spec["components"]["schemas"]["RecommendResponse"]["properties"]
+    assert {"degraded", "degraded_reason", "stale_features", "feature_watermark"} <= set(response)
+    item = spec["components"]["schemas"]["RecommendedItem"]["properties"]
+    assert {ITEM_ID, TITLE, "score", "layer", "reason"} <= set(item)
+    # The service marks bodies with required fields as required (BentoML leaves them optional).
+    assert spec["paths"]["/recommend"]["post"]["requestBody"]["required"] is True
+    assert "required" not in spec["paths"]["/status"]["post"]["requestBody"]
     req = spec["paths"]["/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert req["required"] == [USER_ID] and req["additionalProperties"] is False
     assert req["properties"]["k"]["maximum"] == 1000
 
 
 def test_request_log_feeds_monitoring(client, released):
-    from stratarec.monitoring.frames import build_prediction_frame
+    """Each answer becomes one row (features used, items, latency, flags) that monitoring's own reader reads back.
 
-    post(client, "/recommend", {"user_id": released["known_user"], "k": 2})
-    files = sorted((Path(released["cfg"].workspace) / "request_log").glob("*.jsonl"))
-    assert files
-    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
-    frame = build_prediction_frame(rows)
-    assert len(frame) == len(rows) and {"-1"} <= set(frame["served_layer"])  # cold users are layer -1
-    assert frame["n_recommended"].min() >= 1
+    (Most of this test's time is importing ``stratarec.monitoring.pipeline_io``, which imports Evidently.)
+    """
+    from stratarec.monitoring.frames import build_prediction_frame
+    from stratarec.monitoring.pipeline_io import read_request_log
+
+    user = released["known_user"]
+    post(client, "/recommend", {"user_id": UNKNOWN_USER, "k": 2})
+    body = post(client, "/recommend", {"user_id": user, "k": 2, "exclude": released["item_ids"][:3]}).json()
+    directory = Path(released["cfg"].workspace) / "request_log"
+    status = _wait_for_log(client, lambda s: s["queued"] == 0)
+    assert status["written"] >= 1 and status["dropped"] == status["failed"] == 0
+    assert all(f.name.startswith("requests-") for f in directory.iterdir())
+    frame = read_request_log(directory)
+    row = frame[frame["user_id"] == user].iloc[-1]
+    assert list(row["recommended_items"]) == [it[ITEM_ID] for it in body["items"]]
+    assert not row["degraded"] and not row["stale_features"] and row["degraded_reason"] is None and row["latency_ms"] > 0
+    assert row["k"] == 2 and row["n_exclude"] == 3 and row["endpoint"] == "/recommend" and row["model_tag"] == released["tag"]
+    features = row["features"]  # the features the answer used: scalars as read, sequences by length
+    assert features["recent_items_len"] == len(released["known_history"]) and features["event_count"] >= 1
+    assert "layer_coarse" in features and "genre_mix_len" in features
+    predictions = build_prediction_frame(frame)
+    assert len(predictions) == len(frame) and {"-1"} <= set(predictions["served_layer"])  # cold users are layer -1
+    assert predictions["n_recommended"].min() >= 1
+
+
+def _wait_for_log(client, done, timeout_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = post(client, "/status", {}).json()["request_log"]
+        if done(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def test_request_log_rotates_by_size_and_keeps_the_newest_files(tmp_path):
+    from stratarec.monitoring.pipeline_io import read_request_log
+    from stratarec.serving.service import RequestLog
+
+    users = list(range(100, 130))  # three digits each: every row has the same size
+    row = {"served_at": "2026-01-01T00:00:00+00:00", "recommended_items": list(range(40)), "served_layer": 0}
+    line_bytes = len(json.dumps({**row, "user_id": users[0]}, separators=(",", ":"))) + 1
+    log = RequestLog(tmp_path, max_bytes=4 * line_bytes, max_files=0)
+    for user in users:
+        assert log.write([{**row, "user_id": user}]) == 1
+    log.close()
+    files = sorted(tmp_path.glob("*.jsonl"))
+    assert len(files) == 8 and all(f.stat().st_size <= 4 * line_bytes for f in files)  # 30 rows, 4 per file
+    assert log.stats().files_rotated == 7 and log.stats().written == 30
+    # Monitoring's reader sees every row, in order, across the rotated files.
+    assert read_request_log(tmp_path)["user_id"].tolist() == users
+
+    kept = tmp_path / "kept"
+    log = RequestLog(kept, max_bytes=4 * line_bytes, max_files=3)
+    for user in users:
+        log.write([{**row, "user_id": user}])
+    log.close()
+    assert len(list(kept.glob("*.jsonl"))) == 3
+    assert read_request_log(kept)["user_id"].tolist() == users[-10:]  # the newest 3 files: 4 + 4 + 2 rows
+
+
+def test_request_log_full_queue_drops_and_counts_but_never_blocks(tmp_path):
+    """A stalled disk: the log's file is a FIFO nobody reads, so the writer blocks opening it.
+
+    ``write`` must still return at once: rows beyond the queue are dropped and counted.
+    """
+    from stratarec.serving.service import RequestLog
+
+    log = RequestLog(tmp_path, queue_size=50)
+    os.mkfifo(log.path)  # the writer opens the file it named at construction
+    row = {"served_at": "2026-01-01T00:00:00+00:00", "user_id": 1, "recommended_items": [1, 2], "served_layer": 0}
+    t0 = time.perf_counter()
+    accepted = sum(log.write([{**row, "user_id": i}]) for i in range(5000))
+    elapsed = time.perf_counter() - t0
+    stats = log.stats()
+    assert elapsed < 2.0, f"5000 writes took {elapsed:.2f} s: the response path waited on the disk"
+    assert 50 <= accepted <= 50 + 1000  # the queue, plus at most one batch the writer took before it stalled
+    assert stats.dropped == 5000 - accepted and stats.written == 0
+
+    # Unstall the disk: a reader drains the FIFO, and every accepted row (none dropped) arrives.
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(Path(log.path).read_bytes()))
+    reader.start()
+    log.close(timeout_s=10)
+    reader.join(10)
+    lines = received[0].decode().splitlines()
+    assert len(lines) == accepted and log.stats().written == accepted
+    ids = [json.loads(line)["user_id"] for line in lines]
+    assert ids[:50] == list(range(50)) and ids == sorted(set(ids))  # accepted rows keep their order, none twice
 
 
 def test_in_process_latency(client, released):
@@ -291,8 +297,8 @@ def test_in_process_latency(client, released):
 def test_feature_store_failure_degrades_to_cold_start(client, released, tmp_path, failure):
     """Real Feast failures, swapped in through the service's feature-source seam: requests still succeed, marked degraded.
 
-    (A second ``to_asgi()`` app in one process is not an option: BentoML registers its
-    Prometheus metrics globally and the second app's first request fails on duplicates.)
+    (One ``to_asgi()`` app per process, see conftest.py; the fault tests with a private Redis
+    are in test_service_faults.py.)
     """
     import bentoml
 
@@ -301,24 +307,40 @@ def test_feature_store_failure_degrades_to_cold_start(client, released, tmp_path
 
     cfg = released["cfg"]
     svc = bentoml.get_current_service()
+    before = post(client, "/status", {}).json()["requests_degraded"]
+    lock = None
     if failure == "unpublished repository":  # no registry, no tables: every read raises
         broken = FeastUserFeatures(tmp_path / "never_published", cfg.features, timeout_s=2.0)
-    else:  # the real repository, but a deadline no read can meet
-        broken = FeastUserFeatures(feature_repo_dir(cfg), cfg.features, timeout_s=1e-6)
+    else:
+        # The real repository, with its SQLite online store held under an exclusive lock by
+        # another writer: reads wait (sqlite's 5 s busy timeout) far past a 300 ms deadline.
+        broken = FeastUserFeatures(feature_repo_dir(cfg), cfg.features, timeout_s=0.3)
+        lock = sqlite3.connect(feature_repo_dir(cfg) / "online.db", isolation_level=None)
+        assert lock.execute("PRAGMA journal_mode").fetchone()[0] != "wal"  # WAL would let readers through
+        lock.execute("BEGIN EXCLUSIVE")
     healthy, svc.features = svc.features, broken
     try:
-        before = post(client, "/status", {}).json()["requests_degraded"]
+        t0 = time.perf_counter()
         r = post(client, "/recommend", {"user_id": released["known_user"], "k": K})
+        elapsed = time.perf_counter() - t0
+        if lock is not None:
+            lock.execute("ROLLBACK")
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["degraded"] is True and body["cold_start"] is True and len(body["items"]) == K
+        expected = "recommender_v1 does not exist" if failure == "unpublished repository" else "took longer than 300 ms"
+        assert expected in body["degraded_reason"], body["degraded_reason"]
+        assert body["stale_features"] is False and body["feature_watermark"] is None  # no features were used
         assert body["layer"] is not None  # the bundle still knows the user's layer
+        assert elapsed < 2.0
         status = post(client, "/status", {}).json()
         assert status["requests_degraded"] == before + 1
         if failure == "unpublished repository":
             assert client.get("/readyz").status_code == 503
             assert not status["ready"] and status["feature_store"]["error"]
     finally:
+        if lock is not None:
+            lock.close()
         svc.features = healthy
         broken.close()
     assert post(client, "/recommend", {"user_id": released["known_user"], "k": K}).json()["degraded"] is False

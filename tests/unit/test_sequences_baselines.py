@@ -100,5 +100,5 @@ def test_item_index_lookup_is_safe_from_many_threads():
     for _ in range(20):  # a fresh index each time: the first concurrent uses are the risky ones
         index = ItemIndex(ids)
         with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda _: index.to_index(query).tolist(), range(32)))
+            results = list(pool.map(lambda _, index=index: index.to_index(query).tolist(), range(32)))
         assert all(r == expected for r in results)
