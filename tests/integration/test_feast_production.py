@@ -7,14 +7,11 @@ let CI pass without ever checking the production profile.
 """
 
 import json
-import uuid
 
 import pandas as pd
 import pytest
-import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from stratarec.config import FeatureConfig
 from stratarec.feature_repo.store import (
     online_item_features,
     online_user_features,
@@ -26,48 +23,17 @@ from stratarec.feature_repo.store import (
 )
 from stratarec.features import compute_item_catalog, compute_user_activity, genre_vocabulary, order_events
 from stratarec.text_encoder import embed_texts, item_text
+from tests.integration.production_stores import isolated_production
 
 pytestmark = pytest.mark.integration
 
 T0 = pd.Timestamp("2024-03-01 12:00:00", tz="UTC")
 
 
-def _redis_client(cfg: FeatureConfig) -> redis.Redis:
-    host, port = cfg.redis_connection.split(",")[0].rsplit(":", 1)
-    return redis.Redis(host=host, port=int(port), socket_connect_timeout=3)
-
-
 @pytest.fixture()
 def production(tmp_path):
-    tag = uuid.uuid4().hex[:12]
-    cfg = FeatureConfig(
-        profile="production", project=f"stratarec_it_{tag}", registry_schema=f"stratarec_it_{tag}", recent_items_len=2, materialize_chunks=2
-    )
-    client = _redis_client(cfg)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis at {cfg.redis_connection} is unreachable ({exc}); start it, e.g. `redis-server --daemonize yes`")
-    engine = create_engine(cfg.registry_url, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # sqlalchemy wraps the driver's error types
-        pytest.fail(f"PostgreSQL at {cfg.registry_url} is unreachable ({type(exc).__name__}: {exc}); start it before the integration tests")
-
-    yield tmp_path, cfg, client, engine
-
-    suffix = cfg.project.encode()
-    keys = list(client.scan_iter(match=b"*" + suffix, count=1000))
-    if keys:
-        client.delete(*keys)
-    with engine.begin() as conn:
-        conn.execute(text("SET lock_timeout = '20s'"))
-        conn.execute(text(f'DROP SCHEMA IF EXISTS "{cfg.registry_schema}" CASCADE'))
-    assert not list(client.scan_iter(match=b"*" + suffix, count=1000)), "Redis keys of the test project survived cleanup"
-    with engine.connect() as conn:
-        left = conn.execute(text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"), {"s": cfg.registry_schema}).all()
-    assert not left, f"schema {cfg.registry_schema} survived cleanup"
+    with isolated_production("stratarec_it") as (make, client, engine):
+        yield tmp_path, make(recent_items_len=2, materialize_chunks=2), client, engine
     engine.dispose()
     client.close()
 

@@ -22,14 +22,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import redis
-from sqlalchemy import create_engine, text
 
 from stratarec.config import FeatureConfig
 from stratarec.data.movielens import load_movielens_100k
@@ -37,6 +34,7 @@ from stratarec.feature_repo.store import ChunkEvent, open_store, plan_chunks, pu
 from stratarec.features import compute_item_catalog, compute_user_activity, genre_vocabulary, order_events
 from stratarec.schema import FEATURE_SERVICE, ITEM_ID, USER_ACTIVITY_VIEW, USER_ID
 from stratarec.text_encoder import embed_texts, item_text
+from tests.integration.production_stores import isolated_production, redis_client
 
 pytestmark = pytest.mark.integration
 
@@ -94,51 +92,11 @@ def ml100k_features(data_dir: Path, recent_len: int) -> tuple[pd.DataFrame, pd.D
     return activity, catalog
 
 
-def _redis_client(cfg: FeatureConfig) -> redis.Redis:
-    host, port = cfg.redis_connection.split(",")[0].rsplit(":", 1)
-    return redis.Redis(host=host, port=int(port), socket_connect_timeout=3)
-
-
 @pytest.fixture()
 def isolated():
     """Makes production configs, each with its own project and schema; removes their keys and schemas afterwards."""
-    made: list[FeatureConfig] = []
-    probe = FeatureConfig(profile="production")
-    client = _redis_client(probe)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis at {probe.redis_connection} is unreachable ({exc}); start it, e.g. `redis-server --daemonize yes`")
-    engine = create_engine(probe.registry_url, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # sqlalchemy wraps the driver's error types
-        pytest.fail(f"PostgreSQL at {probe.registry_url} is unreachable ({type(exc).__name__}: {exc}); start it first")
-
-    def make(**overrides) -> FeatureConfig:
-        tag = uuid.uuid4().hex[:12]
-        name = f"stratarec_mr_{tag}"
-        cfg = FeatureConfig(profile="production", project=name, registry_schema=name, recent_items_len=RECENT_ITEMS, **overrides)
-        made.append(cfg)
-        return cfg
-
-    yield make, client
-
-    for cfg in made:
-        suffix = cfg.project.encode()
-        keys = list(client.scan_iter(match=b"*" + suffix, count=1000))
-        if keys:
-            client.delete(*keys)
-        with engine.begin() as conn:
-            conn.execute(text("SET lock_timeout = '20s'"))
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{cfg.registry_schema}" CASCADE'))
-        assert not list(client.scan_iter(match=b"*" + suffix, count=1000)), f"Redis keys of {cfg.project} survived cleanup"
-        with engine.connect() as conn:
-            left = conn.execute(text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"), {"s": cfg.registry_schema}).all()
-        assert not left, f"schema {cfg.registry_schema} survived cleanup"
-    engine.dispose()
-    client.close()
+    with isolated_production("stratarec_mr") as (make, client, _):
+        yield (lambda **overrides: make(recent_items_len=RECENT_ITEMS, **overrides)), client
 
 
 def _online(store, service_name: str, key: str, ids: list[int]) -> dict:
@@ -280,7 +238,7 @@ def test_changed_source_or_disabled_resume_start_over(isolated, tmp_path):
     assert changed["chunks_skipped"] == 0 and changed["watermark"] > first["watermark"]
     assert publish(5, cfg.model_copy(update={"materialize_resume": False}))["chunks_skipped"] == 0
     # A wiped online store is noticed: the watermark is not trusted, everything is redone.
-    client = _redis_client(cfg)
+    client = redis_client(cfg)
     client.delete(*client.scan_iter(match=b"*" + cfg.project.encode(), count=1000))
     wiped = publish(5, cfg)
     assert wiped["chunks_skipped"] == 0 and wiped["chunks_materialized"] == wiped["chunks_total"]
