@@ -73,6 +73,28 @@ def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single
     }
 
 
+def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training configs from the command line."""
+    model_cfg = ModelConfig(
+        architecture=args.architecture,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        dropout=args.dropout,
+        max_len=max_len,
+        text_init=text_init,
+    )
+    train_cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        patience=args.patience,
+        max_minutes=args.budget_minutes,
+        seed=args.seed,
+    )
+    return model_cfg, train_cfg
+
+
 def run_ml1m(args: argparse.Namespace) -> dict:
     """Published ML-1M split: our causal transformer with full cross-entropy vs baselines."""
     from stratarec.data.sasrec import load_sasrec_split
@@ -92,23 +114,7 @@ def run_ml1m(args: argparse.Namespace) -> dict:
         results.append({"model": b.name, **_pick(m), "train_s": round(time.perf_counter() - start, 1), "epochs": None})
     log.info("baselines done in %.1fs", time.perf_counter() - t0)
 
-    model_cfg = ModelConfig(
-        architecture=args.architecture,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        dropout=args.dropout,
-        max_len=200,
-        text_init=False,
-    )
-    train_cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        patience=args.patience,
-        max_minutes=args.budget_minutes,
-        seed=args.seed,
-    )
+    model_cfg, train_cfg = _configs(args, max_len=200, text_init=False)  # the split has no item text
     curve = []
     started = time.perf_counter()
 
@@ -205,17 +211,7 @@ def run_ml100k(args: argparse.Namespace) -> dict:
                 "train_s": round(time.perf_counter() - start, 1),
             }
         )
-    model_cfg = ModelConfig(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, dropout=args.dropout, max_len=args.max_len, text_init=True
-    )
-    train_cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        patience=args.patience,
-        max_minutes=args.budget_minutes,
-        seed=args.seed,
-    )
+    model_cfg, train_cfg = _configs(args, max_len=args.max_len, text_init=True)
     trained = {}
     for name, use_text in (("stratarec-text-init", True), ("stratarec-id-only", False)):
         cfg = model_cfg.model_copy(update={"text_init": use_text})
