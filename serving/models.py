@@ -61,6 +61,15 @@ class BatchRequest(_Request):
     requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+# POST /recommend/adaptive (adaptive batching): BentoML answers up to ADAPTIVE_MAX_BATCH queued
+# requests together. Its body is a JSON list of requests (a batchable API takes one list argument,
+# which BentoML concatenates across concurrent callers and splits back), at most one batch long:
+# BentoML would split a longer list and may refuse (503) the part that waits past the latency
+# bound. Larger lists belong to POST /recommend/batch.
+ADAPTIVE_MAX_BATCH = 32
+AdaptiveRequests = Annotated[list[RecommendRequest], Field(min_length=1, max_length=ADAPTIVE_MAX_BATCH)]
+
+
 class SimilarItemsRequest(_Request):
     """Items closest to one item in the model's learned embedding space."""
 

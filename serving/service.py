@@ -27,6 +27,11 @@ popularity with ``degraded=true`` and a ``degraded_reason``; after a failure the
 alone for ``ServingConfig.feature_retry_seconds``, then one read tries again, so the service
 returns to normal by itself. Answers built from stale features carry ``stale_features=true``.
 
+``POST /recommend`` and ``POST /recommend/batch`` send a ``Server-Timing`` header
+(``feast;dur=<ms>, score;dur=<ms>``: the feature read and the scoring). ``POST
+/recommend/adaptive`` is the same answer with BentoML's adaptive batching: it takes a JSON list
+of requests, and BentoML answers concurrent callers together, as ``/recommend/batch`` does.
+
 Every answer is logged for monitoring (features used, items, latency, flags) as JSON lines by
 a background writer (:class:`RequestLog`) that drops rows rather than delay a response.
 A request guard in front of the APIs (:class:`RequestGuard`) accepts only JSON bodies of
@@ -59,6 +64,7 @@ import bentoml
 import numpy as np
 import pydantic_core
 import torch
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -78,7 +84,9 @@ from stratarec.schema import (
     USER_RECENT_ITEMS,
 )
 from stratarec.serving.models import (
+    ADAPTIVE_MAX_BATCH,
     MAX_BODY_BYTES,
+    AdaptiveRequests,
     BatchRequest,
     BatchResponse,
     ErrorDetail,
@@ -115,6 +123,15 @@ FEATURE_READ_THREADS = 16
 # feature_repo.store.REGISTRY_CACHE_SECONDS) never expires inside a request's deadline, and the
 # freshness watermark follows new materializations.
 REGISTRY_REFRESH_SECONDS = 30.0
+# Adaptive batching (POST /recommend/adaptive): BentoML queues concurrent calls and answers up to
+# ADAPTIVE_MAX_BATCH requests together; a call it expects to wait longer than this bound is
+# refused with 503 ("process is overloaded"): BentoML's load shedding, not a failure of ours.
+ADAPTIVE_ROUTE = "/recommend/adaptive"
+# 300 ms, not tens: a full batch of 32 costs ~33 ms on 2 cores, and BentoML sheds any call it
+# expects to wait past the bound; at 20 ms it refused 96% of requests at concurrency 32
+# in-process, at 300 ms none (165 req/s). The bound is a shedding limit, not a target latency.
+ADAPTIVE_MAX_LATENCY_MS = 300
+SERVER_TIMING = "Server-Timing"
 DEGRADED_LOG_EVERY_S = 10.0  # while degraded, one warning per this many seconds, not one per request
 _MAX_REASON = 300  # characters of a backend error message carried into a response
 
@@ -165,6 +182,28 @@ class Freshness:
     stale: bool
     message: str
     error: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where one answer's time went, sent as ``Server-Timing: feast;dur=<ms>, score;dur=<ms>``.
+
+    Attributes:
+        feast_ms: The online feature read (its deadline included, when it times out).
+        score_ms: Turning features into ranked items: the forward pass, top-k, cold starts.
+    """
+
+    feast_ms: float
+    score_ms: float
+
+    def header(self) -> str:
+        """The ``Server-Timing`` header value."""
+        return f"feast;dur={self.feast_ms:.3f}, score;dur={self.score_ms:.3f}"
+
+    def send(self, ctx: Any) -> None:
+        """Put the header on the response of the request ``ctx`` belongs to (nothing when called in-process without one)."""
+        if ctx is not None:
+            ctx.response.headers[SERVER_TIMING] = self.header()
 
 
 class FeatureStoreUnavailable(ConnectionError):
@@ -605,8 +644,8 @@ def _guard_error(status: int, kind: str, loc: list[str | int], msg: str) -> JSON
     return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
 
-def _json_problem(body: bytes) -> JSONResponse | None:
-    """A 400 for a body that is not one well-formed JSON object, else None."""
+def _json_problem(body: bytes, want_list: bool = False) -> JSONResponse | None:
+    """A 400 for a body that is not one well-formed JSON object (a JSON list if ``want_list``), else None."""
     if not body:
         return None  # BentoML reads an empty body as {}: the missing required field is then named
     try:
@@ -615,8 +654,13 @@ def _json_problem(body: bytes) -> JSONResponse | None:
         field = _field_at(body, str(exc))
         where = f" in field {field!r}" if field else ""
         return _guard_error(400, "json_invalid", [field] if field else ["body"], f"Invalid JSON{where}: {exc}")
-    if not isinstance(value, dict):
-        kind = type(value).__name__
+    kind = type(value).__name__
+    if want_list:
+        if not isinstance(value, list):
+            return _guard_error(
+                400, "list_type", ["body"], f'the body must be a JSON list of requests such as [{{"user_id": 1}}], not {kind}'
+            )
+    elif not isinstance(value, dict):
         return _guard_error(400, "model_type", ["body"], f'the body must be a JSON object such as {{"user_id": 1}}, not {kind}')
     return None
 
@@ -629,16 +673,18 @@ class RequestGuard:
       fields) or pickle for other media types. 415 otherwise.
     * Bodies over ``max_body_bytes`` are refused with 413, from ``Content-Length`` before
       reading, or as soon as a chunked body grows past it.
-    * The body must parse as one JSON object; deep nesting, bad escapes and invalid UTF-8 get
-      a 400 naming the field the parser stopped in (``loc``), or ``body``.
+    * The body must parse as one JSON object (a JSON list on the routes in ``list_routes``,
+      the batchable APIs); deep nesting, bad escapes and invalid UTF-8 get a 400 naming the
+      field the parser stopped in (``loc``), or ``body``.
     * ``GET /docs.json`` is corrected: request bodies with required fields are marked required.
 
     Errors have BentoML's validation shape: ``{"error": ..., "detail": [{"type", "loc", "msg"}]}``.
     """
 
-    def __init__(self, app: Any, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: Any, max_body_bytes: int = MAX_BODY_BYTES, list_routes: Sequence[str] = (ADAPTIVE_ROUTE,)) -> None:
         self.app = app
         self.max_body_bytes = int(max_body_bytes)
+        self.list_routes = frozenset(list_routes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:  # noqa: D102
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/docs.json":
@@ -674,7 +720,7 @@ class RequestGuard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        problem = _json_problem(body)
+        problem = _json_problem(body, want_list=scope["path"] in self.list_routes)
         if problem is not None:
             await problem(scope, receive, send)
             return
@@ -770,8 +816,8 @@ def _degraded_reason(exc: BaseException) -> str:
 
 @bentoml.service(
     traffic={"timeout": 30, "max_concurrency": 64},
-    # Sync APIs run in this many threads; torch inference is serialised by the bundle's lock,
-    # so more threads only help feature reads overlap.
+    # Sync APIs run in this many threads. They share one process (and its GIL): more threads
+    # let feature reads overlap with scoring, not scoring with scoring.
     threads=API_THREADS,
     labels={"project": "stratarec", "component": "serving"},
 )
@@ -779,9 +825,10 @@ class RecommenderService:
     """Interest-layered sequential recommendations."""
 
     def __init__(self) -> None:
-        # One intra-op thread: the model is small and inference is serialised by the bundle's
-        # lock, so extra torch threads only add synchronisation. Measured here (2 shared cores):
-        # p50 /recommend 8 ms with 1 thread, 109 ms with 2. Scale out with BentoML workers instead.
+        # One intra-op thread: one request's forward pass is a few small matrix products, so
+        # extra torch threads only add synchronisation. Measured here (2 shared cores, before the
+        # serving fast path): p50 /recommend 8 ms with 1 thread, 109 ms with 2. Scale out with
+        # BentoML workers instead.
         torch.set_num_threads(int(os.environ.get(TORCH_THREADS_ENV, "1")))
         self.model_tag = resolve_model_tag(getattr(RecommenderService, "bento", None))
         self.model_error = "not loaded yet"
@@ -960,9 +1007,6 @@ class RecommenderService:
             layer = candidate if candidate in self.bundle.layer_names else None
         return layer
 
-    def _has_history(self, history: Sequence[int]) -> bool:
-        return bool(len(history)) and bool((self.bundle.index.to_index(np.asarray(history, dtype=np.int64)) > 0).any())
-
     def _cold_start(self, k: int, layer: int | None, exclude: Sequence[int]) -> list[Recommendation]:
         """Popular items of the layer, topped up with globally popular ones.
 
@@ -997,9 +1041,13 @@ class RecommenderService:
             count = outage["requests"]
         log.warning("serving degraded (interest-layer and popularity recommendations, %d answers so far): %s", count, degraded_reason)
 
-    def _answer(self, requests: Sequence[RecommendRequest], endpoint: str) -> list[RecommendResponse]:
-        """Answer requests with one feature read and one forward pass for the plain warm ones."""
+    def _answer(self, requests: Sequence[RecommendRequest], endpoint: str) -> tuple[list[RecommendResponse], Timing]:
+        """Answer requests with one feature read and one forward pass for the plain warm ones.
+
+        Returns the responses in request order and where the time went (:class:`Timing`).
+        """
         started = time.perf_counter()
+        bundle = self.bundle
         user_ids = list(dict.fromkeys(r.user_id for r in requests))
         degraded_reason: str | None = None
         try:
@@ -1007,6 +1055,7 @@ class RecommenderService:
         except Exception as exc:  # any feature-store failure degrades to layer/popularity, never a 5xx
             degraded_reason = _degraded_reason(exc)
             features = {}
+        read = time.perf_counter()
         self._note_features(degraded_reason)
         fresh = self._freshness() if degraded_reason is None else None
         stale = bool(fresh and fresh.stale)
@@ -1014,27 +1063,35 @@ class RecommenderService:
         results: list[list[Recommendation] | None] = [None] * len(requests)
         cold = [True] * len(requests)
         layers: list[int | None] = []
-        batched: list[int] = []  # requests scored together by recommend_batch
+        batched: list[int] = []  # requests scored together in one forward pass
+        histories: list[np.ndarray] = []  # their known history items, as model rows
         for i, req in enumerate(requests):
             feats = features.get(req.user_id)
             layers.append(self._layer(req.user_id, feats))
-            history = [int(x) for x in (feats or {}).get(USER_RECENT_ITEMS) or []]
-            if not self._has_history(history):
+            recent = feats.get(USER_RECENT_ITEMS) if feats else None
+            rows = bundle.history_rows(recent)  # unknown items dropped: none left is no history
+            if not len(rows):
                 results[i] = self._cold_start(req.k, layers[i], req.exclude)
             elif req.diversify:
-                results[i] = self.bundle.recommend(history, req.k, exclude=req.exclude, diversify=True)
+                results[i] = bundle.recommend_rows(rows, req.k, exclude=req.exclude, diversify=True)
                 cold[i] = False
             else:
                 batched.append(i)
+                histories.append(rows)
                 cold[i] = False
         if batched:
             # One forward pass; ask for enough items that dropping the excluded ones leaves k.
-            histories = [[int(x) for x in features[requests[i].user_id][USER_RECENT_ITEMS]] for i in batched]
             k_max = max(requests[i].k + len(set(requests[i].exclude)) for i in batched)
-            for i, recs in zip(batched, self.bundle.recommend_batch(histories, k_max), strict=True):
-                drop = set(requests[i].exclude)
-                results[i] = [r for r in recs if r.item_id not in drop][: requests[i].k]
+            for i, recs in zip(batched, bundle.recommend_batch_rows(histories, k_max), strict=True):
+                req = requests[i]
+                if req.exclude:
+                    drop = set(req.exclude)
+                    recs = [r for r in recs if r.item_id not in drop]
+                results[i] = recs[: req.k]
+        scored = time.perf_counter()
 
+        degraded = degraded_reason is not None
+        watermark = fresh.watermark if fresh else None
         responses = []
         for i, req in enumerate(requests):
             layer = layers[i]
@@ -1042,19 +1099,19 @@ class RecommenderService:
                 RecommendResponse(
                     user_id=req.user_id,
                     items=_items(results[i] or []),
-                    degraded=degraded_reason is not None,
+                    degraded=degraded,
                     degraded_reason=degraded_reason,
                     stale_features=stale,
-                    feature_watermark=fresh.watermark if fresh else None,
+                    feature_watermark=watermark,
                     cold_start=cold[i],
                     layer=layer,
-                    layer_name=self.bundle.layer_names.get(layer) if layer is not None else None,
+                    layer_name=bundle.layer_names.get(layer) if layer is not None else None,
                     model_tag=self.model_tag,
                 )
             )
         latency_ms = (time.perf_counter() - started) * 1000
         self._record(requests, responses, features, latency_ms, endpoint)
-        return responses
+        return responses, Timing(feast_ms=(read - started) * 1000, score_ms=(scored - read) * 1000)
 
     def _record(
         self,
@@ -1095,27 +1152,64 @@ class RecommenderService:
             ]
         )
 
+    def _unavailable(self, ctx: bentoml.Context | None) -> JSONResponse:
+        if ctx is not None:  # BentoML sets the response's status from the context when an API takes one
+            ctx.response.status_code = 503
+        return self._model_unavailable()
+
     @bentoml.api(route="/recommend", output_spec=RecommendResponse)
-    def recommend(self, request: RecommendRequest, /) -> RecommendResponse | JSONResponse:
+    def recommend(self, request: RecommendRequest, /, ctx: bentoml.Context = None) -> RecommendResponse | JSONResponse:  # type: ignore[assignment]
         """Top-k next items for a user, never items from their history or ``exclude``.
 
         Users unknown to the feature store get popular items of their interest layer (or of
         everyone): ``cold_start=true``. If the feature store fails, the answer is a cold
         start with ``degraded=true`` and a ``degraded_reason``; answers from features older
-        than the freshness bound carry ``stale_features=true``.
+        than the freshness bound carry ``stale_features=true``. The ``Server-Timing`` response
+        header says how long the feature read (``feast``) and the scoring (``score``) took.
         """
         if not self._load_model():
-            return self._model_unavailable()
+            return self._unavailable(ctx)
         with _server_side():
-            return self._answer([request], "/recommend")[0]
+            responses, timing = self._answer([request], "/recommend")
+        timing.send(ctx)
+        return responses[0]
 
     @bentoml.api(route="/recommend/batch", output_spec=BatchResponse)
-    def recommend_batch(self, batch: BatchRequest, /) -> BatchResponse | JSONResponse:
-        """Several users at once: one feature read, one forward pass; responses in request order."""
+    def recommend_batch(self, batch: BatchRequest, /, ctx: bentoml.Context = None) -> BatchResponse | JSONResponse:  # type: ignore[assignment]
+        """Several users at once: one feature read, one forward pass; responses in request order.
+
+        The ``Server-Timing`` header (``feast``, ``score``) covers the whole batch.
+        """
         if not self._load_model():
-            return self._model_unavailable()
+            return self._unavailable(ctx)
         with _server_side():
-            return BatchResponse(responses=self._answer(batch.requests, "/recommend/batch"))
+            responses, timing = self._answer(batch.requests, "/recommend/batch")
+            answer = BatchResponse(responses=responses)
+        timing.send(ctx)
+        return answer
+
+    @bentoml.api(
+        route=ADAPTIVE_ROUTE,
+        batchable=True,
+        max_batch_size=ADAPTIVE_MAX_BATCH,
+        max_latency_ms=ADAPTIVE_MAX_LATENCY_MS,
+    )
+    def recommend_adaptive(self, requests: AdaptiveRequests, /) -> list[RecommendResponse]:
+        """``/recommend`` with adaptive batching: the body is a JSON list of requests, the answer a list of responses.
+
+        BentoML queues concurrent calls and answers them together (up to
+        :data:`ADAPTIVE_MAX_BATCH` requests, waiting at most :data:`ADAPTIVE_MAX_LATENCY_MS` ms),
+        as ``/recommend/batch`` would: one feature read, one forward pass. Each caller gets
+        the answers to its own list (at most :data:`ADAPTIVE_MAX_BATCH` requests), in its order.
+        Without a loaded model, or when BentoML sheds load past the latency bound, the answer is 503.
+        No ``Server-Timing`` header: one batch serves several callers.
+        """
+        if not self._load_model():
+            # A batched call cannot return a per-caller response: every caller gets BentoML's 503.
+            raise ServiceUnavailable(f"model {self.model_tag} is not loaded: {self.model_error}")
+        with _server_side():
+            responses, _ = self._answer(requests, ADAPTIVE_ROUTE)
+        return responses
 
     @bentoml.api(route="/similar-items", output_spec=SimilarItemsResponse)
     def similar_items(self, request: SimilarItemsRequest, /) -> SimilarItemsResponse | JSONResponse:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from stratarec.atomic import write_json_atomic, write_parquet_atomic
 from stratarec.layering import InterestLayers
-from stratarec.model.sequential import SequentialRecommender, load_model
+from stratarec.model.sequential import InferenceScorer, SequentialRecommender, load_model
 from stratarec.schema import GENRES, ITEM_ID, ITEM_POPULARITY, LAYER_COARSE, LAYER_NAME, TITLE, USER_ID
 from stratarec.sequences import ItemIndex
 from stratarec.training import ITEM_IDS_FILE, ModelScorer
@@ -37,6 +38,9 @@ LINEAGE_FILE = "lineage.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 ITEM_LAYER = "layer"
+_NEXT_REASON = "next in your sequence; serves the '{layer_name}' layer"
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_COLD_CACHE_SIZE = 4096  # distinct (k, layer) cold-start answers kept
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,12 @@ def load_layers(directory: Path) -> InterestLayers | None:
 class RecommenderBundle:
     """A loaded bundle: model, catalogue and layers, ready to answer requests.
 
-    Thread-safe for concurrent readers: torch inference is guarded by a lock because the
-    service may call it from several worker threads.
+    Thread-safe for concurrent readers. Requests are scored by an
+    :class:`~stratarec.model.sequential.InferenceScorer` built once at load (item table,
+    embedding norm and logits weight precomputed; read-only, so threads need no lock unless
+    it falls back to the Hugging Face encoder); what an answer shows per item (id, title,
+    layer, reason) is precomputed too. :attr:`scorer` (a :class:`ModelScorer`) stays for
+    evaluation, which scores whole catalogues in large batches.
     """
 
     def __init__(self, directory: Path, device: str = "cpu") -> None:
@@ -106,21 +114,37 @@ class RecommenderBundle:
             self.item_layer = np.full(len(self.index), -1)
             self.layer_names, self.layer_popular, self.user_layer = {}, {}, {}
         self.scorer = ModelScorer(self.model, device)
-        self._lock = threading.Lock()
+        self.fast = InferenceScorer(self.model)
+        self._lock = threading.Lock()  # the Hugging Face encoder paths (bidirectional scoring)
         self.lineage = json.loads((self.directory / LINEAGE_FILE).read_text()) if (self.directory / LINEAGE_FILE).exists() else {}
+        # What an answer shows per item, as Python objects, in column order (column = row - 1).
+        self._item_ids = self.index.item_ids.tolist()
+        self._titles = [str(t) for t in self.titles]
+        self._layers = [int(x) for x in self.item_layer]
+        self._layer_label = [self.layer_names.get(layer, "") for layer in self._layers]
+        self._reasons: dict[str, list[str]] = {}  # reason template -> text per column
+        self._log_popularity = np.log1p(self.popularity)
+        self._cold_cache: dict[tuple[int, int | None], tuple[Recommendation, ...]] = {}
+        with torch.inference_mode():
+            self._unit_items = torch.nn.functional.normalize(self.fast.logit_table.float(), dim=1)
 
     @property
     def n_items(self) -> int:
         """Catalogue size."""
         return len(self.index)
 
-    def _rows(self, item_ids: list[int] | np.ndarray) -> np.ndarray:
-        rows = self.index.to_index(np.asarray(list(item_ids), dtype=np.int64))
+    def history_rows(self, item_ids: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        """Model rows of the known items among ``item_ids`` (order kept, unknown ids dropped)."""
+        if item_ids is None or not len(item_ids):
+            return _NO_ROWS
+        rows = self.index.to_index(np.asarray(item_ids, dtype=np.int64))
         return rows[rows > 0]
+
+    _rows = history_rows
 
     def _pick(self, scores: np.ndarray, exclude_rows: np.ndarray, k: int, diversify: bool) -> np.ndarray:
         """Indices (0-based columns) of the top-k, optionally round-robin across layers."""
-        s = scores.astype(np.float64).copy()
+        s = scores.astype(np.float64)  # a copy: the caller's scores are not changed
         s[exclude_rows - 1] = -np.inf
         k = min(k, int(np.isfinite(s).sum()))
         if k <= 0:
@@ -134,8 +158,8 @@ class RecommenderBundle:
         pool = pool[np.argsort(-s[pool])]
         pool = pool[np.isfinite(s[pool])]
         by_layer: dict[int, list[int]] = {}
-        for col in pool:
-            by_layer.setdefault(int(self.item_layer[col]), []).append(int(col))
+        for col in pool.tolist():
+            by_layer.setdefault(self._layers[col], []).append(col)
         picked: list[int] = []
         queues = sorted(by_layer.values(), key=lambda q: -s[q[0]])
         while len(picked) < k and any(queues):
@@ -144,21 +168,27 @@ class RecommenderBundle:
                     picked.append(q.pop(0))
         return np.asarray(picked, dtype=np.int64)
 
+    def _reason_texts(self, reason: str) -> list[str]:
+        texts = self._reasons.get(reason)
+        if texts is None:
+            by_layer = {layer: reason.format(layer_name=self.layer_names.get(layer, "all users")) for layer in set(self._layers)}
+            texts = self._reasons[reason] = [by_layer[layer] for layer in self._layers]
+        return texts
+
     def _explain(self, cols: np.ndarray, scores: np.ndarray, reason: str) -> list[Recommendation]:
-        out = []
-        for c in cols:
-            layer = int(self.item_layer[c])
-            out.append(
-                Recommendation(
-                    item_id=int(self.index.item_ids[c]),
-                    title=str(self.titles[c]),
-                    score=float(scores[c]),
-                    layer=layer,
-                    layer_name=self.layer_names.get(layer, ""),
-                    reason=reason.format(layer_name=self.layer_names.get(layer, "all users")),
-                )
-            )
-        return out
+        reasons = self._reason_texts(reason)
+        ids, titles, layers, labels = self._item_ids, self._titles, self._layers, self._layer_label
+        return [
+            Recommendation(ids[c], titles[c], score, layers[c], labels[c], reasons[c])
+            for c, score in zip(cols.tolist(), scores[cols].tolist(), strict=True)
+        ]
+
+    def score_rows(self, rows: list[np.ndarray]) -> np.ndarray:
+        """(B, n_items) float32 model scores for non-empty histories of model rows."""
+        if self.fast.causal:
+            return self.fast.score(rows)
+        with self._lock:
+            return self.fast.score(rows)
 
     def recommend(self, history: list[int], k: int, exclude: list[int] | None = None, diversify: bool = False) -> list[Recommendation]:
         """Next-item recommendations for a known history of item ids (oldest first).
@@ -166,26 +196,30 @@ class RecommenderBundle:
         Items in the history and in ``exclude`` are never returned. Unknown item ids in the
         history are ignored; an empty history falls back to :meth:`cold_start`.
         """
-        rows = self._rows(history)
+        return self.recommend_rows(self.history_rows(history), k, exclude=exclude, diversify=diversify)
+
+    def recommend_rows(self, rows: np.ndarray, k: int, exclude: list[int] | None = None, diversify: bool = False) -> list[Recommendation]:
+        """:meth:`recommend` for a history already mapped to model rows (:meth:`history_rows`)."""
         if len(rows) == 0:
             return self.cold_start(k, exclude=exclude)
-        with self._lock:
-            scores = self.scorer.score([rows])[0]
-        excluded = np.unique(np.concatenate([rows, self._rows(exclude or [])]))
+        scores = self.score_rows([rows])[0]
+        excluded = np.unique(np.concatenate([rows, self.history_rows(exclude)])) if exclude else rows
         cols = self._pick(scores, excluded, k, diversify)
-        return self._explain(cols, scores, "next in your sequence; serves the '{layer_name}' layer")
+        return self._explain(cols, scores, _NEXT_REASON)
 
     def recommend_batch(self, histories: list[list[int]], k: int) -> list[list[Recommendation]]:
         """Score many users in one forward pass (cold users fall back individually)."""
-        rows = [self._rows(h) for h in histories]
+        return self.recommend_batch_rows([self.history_rows(h) for h in histories], k)
+
+    def recommend_batch_rows(self, rows: list[np.ndarray], k: int) -> list[list[Recommendation]]:
+        """:meth:`recommend_batch` for histories already mapped to model rows (:meth:`history_rows`)."""
         warm = [i for i, r in enumerate(rows) if len(r)]
-        out: list[list[Recommendation]] = [[] for _ in histories]
+        out: list[list[Recommendation]] = [[] for _ in rows]
         if warm:
-            with self._lock:
-                scores = self.scorer.score([rows[i] for i in warm])
+            scores = self.score_rows([rows[i] for i in warm])
             for j, i in enumerate(warm):
                 cols = self._pick(scores[j], rows[i], k, False)
-                out[i] = self._explain(cols, scores[j], "next in your sequence; serves the '{layer_name}' layer")
+                out[i] = self._explain(cols, scores[j], _NEXT_REASON)
         for i, r in enumerate(rows):
             if not len(r):
                 out[i] = self.cold_start(k)
@@ -193,25 +227,36 @@ class RecommenderBundle:
 
     def cold_start(self, k: int, layer: int | None = None, exclude: list[int] | None = None) -> list[Recommendation]:
         """Popular items of the user's layer when known, else global popularity spread over layers."""
-        excluded = self._rows(exclude or [])
+        if exclude:
+            return self._cold_start(k, layer, self.history_rows(exclude))
+        # Without excludes the answer depends on (k, layer) only: computed once, returned as a new list.
+        key = (int(k), layer if layer in self.layer_popular else None)
+        cached = self._cold_cache.get(key)
+        if cached is None:
+            cached = tuple(self._cold_start(k, layer, _NO_ROWS))
+            if len(self._cold_cache) < _COLD_CACHE_SIZE:
+                self._cold_cache[key] = cached
+        return list(cached)
+
+    def _cold_start(self, k: int, layer: int | None, excluded: np.ndarray) -> list[Recommendation]:
         if layer is not None and layer in self.layer_popular:
-            rows = np.asarray([r for r in self.layer_popular[layer] if r not in set(excluded.tolist())], dtype=np.int64)
+            drop = set(excluded.tolist())
+            rows = np.asarray([r for r in self.layer_popular[layer] if r not in drop], dtype=np.int64)
             scores = np.full(self.n_items, -np.inf)
             scores[rows - 1] = np.linspace(1.0, 0.5, num=len(rows)) if len(rows) else []
             cols = self._pick(scores, excluded, k, False)
             return self._explain(cols, scores, "popular in your interest layer '{layer_name}'")
-        scores = np.log1p(self.popularity)
+        scores = self._log_popularity
         cols = self._pick(scores, excluded, k, diversify=self.layers is not None)
         return self._explain(cols, scores, "popular with all users (cold start); serves the '{layer_name}' layer")
 
     def similar_items(self, item_id: int, k: int) -> list[Recommendation]:
         """Items whose learned embeddings are closest (cosine) to ``item_id``."""
-        rows = self._rows([item_id])
+        rows = self.history_rows([item_id])
         if not len(rows):
             raise KeyError(item_id)
-        with self._lock, torch.inference_mode():
-            table = self.model.item_matrix()[1 : self.n_items + 1].float()
-            table = torch.nn.functional.normalize(table, dim=1)
+        with torch.inference_mode():
+            table = self._unit_items
             scores = (table @ table[rows[0] - 1]).cpu().numpy()
         cols = self._pick(scores, rows, k, False)
         return self._explain(cols, scores, "similar to the item you asked about")

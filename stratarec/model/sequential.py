@@ -28,6 +28,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from stratarec.config import ModelConfig
+from stratarec.sequences import pad_right
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
@@ -200,3 +201,141 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> Sequentia
     state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+class InferenceScorer:
+    """A frozen, inference-only view of a :class:`SequentialRecommender` for serving.
+
+    Gives the numbers of ``model.logits(model.user_states(items, lengths))`` (to float
+    rounding) at a fraction of the cost per request:
+
+    * the item table (``id_embedding + proj(text_embeddings)``), its embedding LayerNorm
+      (a per-row operation, so normalising the whole table once equals normalising the rows
+      a request gathers) and the logits weight are computed once, not twice per forward pass;
+    * a causal (GPT-2) stack runs as plain tensor operations on the module's own weights,
+      without the Hugging Face wrappers (cache objects, mask builders, config lookups), and
+      its last block computes only the positions whose states are returned. Right padding
+      needs no attention mask under causal attention: a real position never attends to a
+      later (padded) one;
+    * a bidirectional (BERT) stack keeps the Hugging Face encoder, fed from the precomputed table.
+
+    The model's weights are snapshotted: build a new scorer after changing them. Every tensor
+    here is read-only, so one scorer may serve several threads at once. Training never uses it.
+    """
+
+    def __init__(self, model: SequentialRecommender) -> None:
+        self.model = model.eval()
+        arch = model.arch
+        self.n_items = arch.n_items
+        self.causal = arch.kind == "causal"
+        # Bidirectional models append a mask token, so they see one fewer history item.
+        self.history_len = arch.max_len - (0 if self.causal else 1)
+        with torch.inference_mode():
+            table = model.item_matrix()
+            self.embedded = model.embedding_norm(table)  # (n_items + 2, d); dropout is off in eval
+            self.logit_table = table[1 : arch.n_items + 1]  # (n_items, d), as model.logits slices it
+        self._blocks = self._gpt2_weights() if self.causal else None
+
+    @property
+    def lean(self) -> bool:
+        """True when the causal stack runs as plain tensor operations (else the Hugging Face encoder runs)."""
+        return self._blocks is not None
+
+    def _gpt2_weights(self) -> list[tuple] | None:
+        """The causal stack's weights, or None if its configuration is not the plain one handled here."""
+        enc = self.model.encoder
+        cfg = enc.config
+        plain = (
+            cfg.activation_function == "gelu"
+            and not cfg.add_cross_attention
+            and not getattr(cfg, "reorder_and_upcast_attn", False)
+            and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+        )
+        if not plain:
+            return None
+        self._wpe = enc.wpe.weight.detach()
+        self._ln_f = (enc.ln_f.weight.detach(), enc.ln_f.bias.detach(), enc.ln_f.eps)
+        blocks = []
+        for block in enc.h:
+            attn, mlp = block.attn, block.mlp
+            blocks.append(
+                (
+                    (block.ln_1.weight.detach(), block.ln_1.bias.detach(), block.ln_1.eps),
+                    (attn.c_attn.weight.detach(), attn.c_attn.bias.detach()),
+                    (attn.c_proj.weight.detach(), attn.c_proj.bias.detach()),
+                    (block.ln_2.weight.detach(), block.ln_2.bias.detach(), block.ln_2.eps),
+                    (mlp.c_fc.weight.detach(), mlp.c_fc.bias.detach()),
+                    (mlp.c_proj.weight.detach(), mlp.c_proj.bias.detach()),
+                    attn.num_heads,
+                    float(attn.scaling),
+                )
+            )
+        return blocks
+
+    def user_states(self, items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """(B, d) states that score the next item, like :meth:`SequentialRecommender.user_states`.
+
+        Args:
+            items: (B, T) right-padded item rows, every row with at least one item
+                (at most ``history_len`` per row).
+            lengths: (B,) number of real items per row, all >= 1.
+        """
+        with torch.inference_mode():
+            rows = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+            last = torch.from_numpy(np.asarray(lengths, dtype=np.int64)) - 1
+            if self._blocks is not None:
+                return self._causal_states(rows, last)
+            if not self.causal:  # append the mask token after each history, as user_states does
+                rows = torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
+                last = last + 1
+                rows[torch.arange(rows.shape[0]), last] = self.model.mask_token
+            mask = (torch.arange(rows.shape[1])[None, :] <= last[:, None]).long()
+            hidden = self.model.encoder(inputs_embeds=self.embedded[rows], attention_mask=mask).last_hidden_state
+            return hidden[torch.arange(rows.shape[0]), last]
+
+    def _causal_states(self, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        F = torch.nn.functional
+        batch, width = rows.shape
+        d = self.embedded.shape[1]
+        h = self.embedded[rows] + self._wpe[:width]  # (B, T, d); position dropout is off in eval
+        pick = torch.arange(batch)
+        n_blocks = len(self._blocks)
+        for i, (ln1, qkv_w, proj_w, ln2, fc_w, fc_proj_w, heads, scaling) in enumerate(self._blocks):
+            a = F.layer_norm(h, (d,), ln1[0], ln1[1], ln1[2])
+            qkv = torch.addmm(qkv_w[1], a.view(-1, d), qkv_w[0]).view(batch, width, 3 * d)
+            q, k, v = qkv.split(d, dim=2)
+            k = k.view(batch, width, heads, -1).transpose(1, 2)
+            v = v.view(batch, width, heads, -1).transpose(1, 2)
+            if i < n_blocks - 1:
+                q = q.view(batch, width, heads, -1).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=width > 1, scale=scaling)
+                o = o.transpose(1, 2).reshape(batch * width, d)
+                h = torch.addmm(proj_w[1], o, proj_w[0]).view(batch, width, d) + h
+                m = F.layer_norm(h, (d,), ln2[0], ln2[1], ln2[2]).view(-1, d)
+            else:
+                # The last block: only each row's last real position is returned, so only its
+                # query, attention output and MLP are computed (keys and values need every position).
+                q = q[pick, last].view(batch, 1, heads, -1).transpose(1, 2)  # (B, H, 1, hd)
+                mask = None
+                if batch > 1 or int(last[0]) != width - 1:
+                    mask = (torch.arange(width)[None, :] <= last[:, None]).view(batch, 1, 1, width)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+                o = o.transpose(1, 2).reshape(batch, d)
+                h = torch.addmm(proj_w[1], o, proj_w[0]) + h[pick, last]  # (B, d)
+                m = F.layer_norm(h, (d,), ln2[0], ln2[1], ln2[2])
+            m = torch.addmm(fc_proj_w[1], F.gelu(torch.addmm(fc_w[1], m, fc_w[0])), fc_proj_w[0])
+            h = h + m.view(h.shape)
+        ln_f = self._ln_f
+        return F.layer_norm(h, (d,), ln_f[0], ln_f[1], ln_f[2])
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, n_items) float32 scores for non-empty histories of item rows (oldest first).
+
+        Each history is cut to its last ``history_len`` items, as :class:`~stratarec.training.ModelScorer` does.
+        """
+        items, lengths = pad_right(histories, self.history_len)
+        if (lengths < 1).any():
+            raise ValueError("InferenceScorer.score needs non-empty histories")
+        with torch.inference_mode():
+            states = self.user_states(items, lengths)
+            return (states @ self.logit_table.T).numpy()

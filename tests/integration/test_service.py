@@ -8,12 +8,18 @@ over HTTP through ``RecommenderService.to_asgi()`` and Starlette's test client, 
 
 The request log's writer (:class:`RequestLog`) is also tested on its own here: rotation, and
 that a stalled disk (a FIFO nobody reads) never blocks a response.
+
+The serving fast path (precomputed item tables, a lean forward pass) is checked against a plain
+reference computation over the same bundle (``Reference`` from
+``tests/unit/test_bundle_speed_equivalence.py``), through HTTP, for all three recommend routes:
+``/recommend``, ``/recommend/batch`` and the adaptive-batching ``/recommend/adaptive``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import statistics
 import threading
@@ -23,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stratarec.schema import ITEM_ID, LAYER_NAME, TITLE, USER_ID
+from stratarec.schema import ITEM_ID, LAYER_COARSE, LAYER_NAME, TITLE, USER_ID, USER_RECENT_ITEMS
 
 pytestmark = pytest.mark.integration
 
@@ -291,6 +297,217 @@ def test_in_process_latency(client, released):
     p50 = statistics.median(times)
     print(f"\nin-process /recommend latency over 30 requests: p50 {p50:.1f} ms, max {max(times):.1f} ms")
     assert p50 < 500
+
+
+def server_timing(response) -> dict[str, float]:
+    """``Server-Timing: feast;dur=1.2, score;dur=3.4`` -> ``{"feast": 1.2, "score": 3.4}``."""
+    out = {}
+    for part in response.headers["server-timing"].split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        out[name] = float(duration)
+    return out
+
+
+def test_server_timing_header_splits_feast_and_scoring(client, released):
+    user = released["known_user"]
+    for route, body in (
+        ("/recommend", {"user_id": user, "k": K}),
+        ("/recommend", {"user_id": UNKNOWN_USER, "k": K}),
+        ("/recommend/batch", {"requests": [{"user_id": user, "k": K}, {"user_id": UNKNOWN_USER}]}),
+    ):
+        t0 = time.perf_counter()
+        r = post(client, route, body)
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        assert r.status_code == 200, r.text
+        assert re.fullmatch(r"feast;dur=\d+\.\d{3}, score;dur=\d+\.\d{3}", r.headers["server-timing"]), r.headers["server-timing"]
+        timing = server_timing(r)
+        assert set(timing) == {"feast", "score"} and timing["feast"] > 0 and timing["score"] >= 0
+        assert timing["feast"] + timing["score"] < elapsed_ms
+    # Errors carry no timing: nothing was read or scored.
+    assert "server-timing" not in post(client, "/recommend", {"user_id": 1, "k": 0}).headers
+
+
+@pytest.fixture(scope="module")
+def reference(released):
+    """The plain computation over the released bundle, and what the service reads per user."""
+    from stratarec.bundle import RecommenderBundle
+    from tests.unit.test_bundle_speed_equivalence import Reference
+
+    bundle = RecommenderBundle(released["bundle"])
+    latest = released["activity"].groupby(USER_ID).tail(1).set_index(USER_ID)
+    histories = {int(u): [int(i) for i in items] for u, items in latest[USER_RECENT_ITEMS].items()}
+    feast_layers = {int(row[USER_ID]): row[LAYER_COARSE] for _, row in released["layer_rows"].iterrows()}
+    return Reference(released["bundle"], bundle.model), histories, feast_layers
+
+
+def expected_answer(reference, request: dict) -> list[tuple]:
+    """The service's answer to one request, computed the plain way (the service's rules, the reference's numbers)."""
+    ref, histories, feast_layers = reference
+    user, k, exclude = request["user_id"], request.get("k", 10), request.get("exclude", [])
+    layer = ref.user_layer.get(user)
+    if layer is None and feast_layers.get(user) is not None and int(feast_layers[user]) in ref.names:
+        layer = int(feast_layers[user])
+    history = histories.get(user, [])
+    if not len(ref.rows(history)):  # cold: the layer's popular items, topped up from everyone's
+        recs = ref.cold_start(k, layer, exclude)
+        if len(recs) < k and layer is not None:
+            recs += ref.cold_start(k - len(recs), None, sorted(set(exclude) | {r[0] for r in recs}))
+        return recs
+    if request.get("diversify"):
+        return ref.recommend(history, k, exclude, diversify=True)
+    drop = set(exclude)
+    return [r for r in ref.recommend(history, k + len(drop)) if r[0] not in drop][:k]
+
+
+def assert_same_items(items: list[dict], want: list[tuple]) -> None:
+    assert [it[ITEM_ID] for it in items] == [w[0] for w in want]  # ids and order
+    assert [(it[TITLE], it["layer"], it[LAYER_NAME], it["reason"]) for it in items] == [(w[1], w[3], w[4], w[5]) for w in want]
+    assert [it["score"] for it in items] == pytest.approx([w[2] for w in want], abs=1e-5)
+
+
+def equivalence_requests(released, reference) -> list[dict]:
+    _, histories, _ = reference
+    users = sorted(histories)[:6]
+    ids = released["item_ids"]
+    history = released["known_history"]
+    unseen = [i for i in ids if i not in history]
+    return [
+        {"user_id": users[0], "k": 10},
+        {"user_id": users[1], "k": 3, "exclude": unseen[:4]},
+        {"user_id": users[2], "k": 7, "diversify": True},
+        {"user_id": users[3], "k": 5, "exclude": [unseen[5], 10**12, unseen[5]], "diversify": True},
+        {"user_id": released["known_user"], "k": 10, "exclude": history[-2:] + unseen[:2]},
+        {"user_id": users[4], "k": len(ids)},  # every unseen item
+        {"user_id": UNKNOWN_USER, "k": 6},  # cold start from global popularity
+        {"user_id": UNKNOWN_USER, "k": 4, "exclude": ids[:3]},
+        {"user_id": released["held_out"], "k": 5},  # cold start from the user's layer
+        {"user_id": released["held_out"], "k": len(ids) - 2, "exclude": ids[:2]},  # layer topped up from everyone's
+        {"user_id": users[5], "k": 1},
+    ]
+
+
+def test_answers_equal_a_plain_reference_computation(client, released, reference):
+    """Ids, order, titles, layers and reasons identical; scores to 1e-5; on every recommend route."""
+    requests = equivalence_requests(released, reference)
+    wants = [expected_answer(reference, q) for q in requests]
+    cold = [not reference[0].rows(reference[1].get(q["user_id"], [])).size for q in requests]
+    assert any(cold) and not all(cold)
+    for request, want in zip(requests, wants, strict=True):
+        r = post(client, "/recommend", request)
+        assert r.status_code == 200, r.text
+        assert_same_items(r.json()["items"], want)
+    batch = post(client, "/recommend/batch", {"requests": requests})
+    adaptive = post(client, "/recommend/adaptive", requests)
+    assert batch.status_code == 200 and adaptive.status_code == 200, (batch.text, adaptive.text)
+    for answers in (batch.json()["responses"], adaptive.json()):
+        assert [a["user_id"] for a in answers] == [q["user_id"] for q in requests]
+        assert [a["cold_start"] for a in answers] == cold
+        for answer, want in zip(answers, wants, strict=True):
+            assert_same_items(answer["items"], want)
+
+
+def assert_same_answers(got: list[dict], want: list[dict]) -> None:
+    """Equal answers, scores to 1e-5 (a batched forward pass may round differently from a single one)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert {**g, "items": None} == {**w, "items": None}
+        assert [{**it, "score": None} for it in g["items"]] == [{**it, "score": None} for it in w["items"]]
+        assert [it["score"] for it in g["items"]] == pytest.approx([it["score"] for it in w["items"]], abs=1e-5)
+
+
+def test_adaptive_route_answers_lists_like_recommend(client, released):
+    """Batchable ``/recommend/adaptive``: a list in, a list out, each answer what ``/recommend`` gives."""
+    user, ids = released["known_user"], released["item_ids"]
+    requests = [
+        {"user_id": user, "k": 4, "exclude": ids[:3]},
+        {"user_id": UNKNOWN_USER, "k": 2},
+        {"user_id": released["held_out"], "k": 3},
+        {"user_id": user, "k": 5, "diversify": True},
+    ]
+    singles = [post(client, "/recommend", q).json() for q in requests]
+    one = post(client, "/recommend/adaptive", [requests[0]])
+    assert one.status_code == 200, one.text
+    assert_same_answers(one.json(), singles[:1])
+    many = post(client, "/recommend/adaptive", requests)
+    assert many.status_code == 200, many.text
+    assert_same_answers(many.json(), singles)
+    # A full batch in one call.
+    full = [{"user_id": user, "k": 1 + i % 5} if i % 3 else {"user_id": UNKNOWN_USER, "k": 2} for i in range(32)]
+    r = post(client, "/recommend/adaptive", full)
+    assert r.status_code == 200, r.text
+    assert [len(a["items"]) for a in r.json()] == [q["k"] for q in full]
+    assert_same_answers(r.json()[:4], [post(client, "/recommend", q).json() for q in full[:4]])
+    # Concurrent callers are batched together, yet each gets its own answers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [[{"user_id": user, "k": 1 + i}] for i in range(6)] + [[{"user_id": UNKNOWN_USER, "k": 3}, {"user_id": user, "k": 2}]]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda b: post_shed(client, "/recommend/adaptive", b), bodies))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    for body, answer in zip(bodies, answers, strict=True):
+        assert [(a["user_id"], len(a["items"])) for a in answer.json()] == [(q["user_id"], q["k"]) for q in body]
+
+
+def post_shed(client, route, body, attempts: int = 20):
+    """POST, trying again while BentoML's adaptive batching sheds load (503 when a call would wait past its latency bound)."""
+    for _ in range(attempts):
+        r = post(client, route, body)
+        if r.status_code != 503:
+            return r
+        time.sleep(0.05)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"user_id": 1}, "body"),  # an object, not a list
+        ([], None),
+        ([{"user_id": 1}] * 33, None),  # longer than one adaptive batch: /recommend/batch takes those
+        ([{"user_id": 1, "k": 0}], "k"),
+        ([{"user_id": "1"}], "user_id"),
+        ("[{not json", "body"),
+    ],
+)
+def test_adaptive_route_refuses_malformed_lists(client, body, loc):
+    r = post(client, "/recommend/adaptive", body)
+    assert r.status_code == 400, r.text
+    if loc is not None:
+        assert any(loc in err["loc"] for err in r.json()["detail"]), r.text
+
+
+def test_adaptive_route_is_listed_as_batchable(client):
+    from stratarec.serving.service import ADAPTIVE_MAX_BATCH, ADAPTIVE_MAX_LATENCY_MS, RecommenderService
+
+    api = RecommenderService.apis["recommend_adaptive"]
+    assert api.batchable and api.route == "/recommend/adaptive"
+    assert (api.max_batch_size, api.max_latency_ms) == (ADAPTIVE_MAX_BATCH, ADAPTIVE_MAX_LATENCY_MS) == (32, 300)
+    schema = api.schema()  # what bento.yaml records and bench/serve.py reads
+    assert schema["batchable"] and schema["input"]["type"] == "array" and schema["output"]["type"] == "array"
+    spec = client.get("/docs.json").json()["paths"]["/recommend/adaptive"]["post"]
+    assert spec["responses"]["200"]["content"]["application/json"]["schema"]["type"] == "array"
+
+
+def test_unloaded_model_is_503_on_every_recommend_route(client, released):
+    """Without a model: 503 on each route (``/recommend`` and ``/recommend/batch`` keep their reason and Retry-After)."""
+    import bentoml
+
+    svc = bentoml.get_current_service()
+    bundle, tried = svc.bundle, svc._model_tried_at
+    svc.bundle, svc._model_tried_at = None, time.monotonic() + 3600  # not loaded, and no reload attempt meanwhile
+    try:
+        for route, body in (
+            ("/recommend", {"user_id": 1}),
+            ("/recommend/batch", {"requests": [{"user_id": 1}]}),
+            ("/recommend/adaptive", [{"user_id": 1}]),
+        ):
+            r = post(client, route, body)
+            assert r.status_code == 503, (route, r.status_code, r.text)
+            if route != "/recommend/adaptive":
+                assert "is not loaded" in r.json()["error"] and r.headers["retry-after"]
+    finally:
+        svc.bundle, svc._model_tried_at = bundle, tried
+    assert post(client, "/recommend/adaptive", [{"user_id": released["known_user"], "k": 2}]).status_code == 200
 
 
 @pytest.mark.parametrize("failure", ["unpublished repository", "deadline exceeded"])
