@@ -33,7 +33,7 @@ __all__ = [
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_DIR = "ml-100k"
-# From /work/shared/data/README.md, checked on the original GroupLens files.
+# From the shared data folder's README.md (../shared/data), checked on the original GroupLens files.
 ML100K_SHA256: dict[str, str] = {
     "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
     "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
