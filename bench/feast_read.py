@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stratarec.tables import text_table
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_P99_MS = 3.0
 log = logging.getLogger("bench.feast_read")
@@ -254,20 +256,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    """A plain-text table."""
-
-    def fmt(v) -> str:
-        if isinstance(v, bool):
-            return "yes" if v else "NO"
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return "" if v is None else str(v)
-
-    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
-    head = " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
-    sep = "-+-".join("-" * w for w in widths)
-    body = "\n".join(" | ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)) for r in rows)
-    return f"{head}\n{sep}\n{body}"
+    """A plain-text table (milliseconds to 3 decimals)."""
+    return text_table(rows, cols, digits=3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,24 +27,11 @@ from stratarec.baselines import build_baselines
 from stratarec.config import ModelConfig, TrainConfig
 from stratarec.evaluation.ranking import evaluate_scorer
 from stratarec.sequences import ItemIndex, SequenceSplit, split_from_events
+from stratarec.tables import text_table
 from stratarec.training import ModelScorer, train_sequential
 
 log = logging.getLogger("bench.quality")
 K = 10
-
-
-def _table(rows: list[dict], cols: list[str]) -> str:
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
-    line = " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
-    sep = "-+-".join("-" * w for w in widths)
-    body = "\n".join(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)) for r in rows)
-    return f"{line}\n{sep}\n{body}"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "" if v is None else str(v)
 
 
 def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single: int = 1000, batch: int = 256) -> dict:
@@ -316,12 +303,12 @@ def main() -> None:
     }
     report["args"] = vars(args)
     cols = ["model", "ndcg@10", "hr@10", "mrr@10", "coverage@10", "cold_item_recall@10", "train_s", "epochs"]
-    print(_table(report["results"], [c for c in cols if any(c in r for r in report["results"])]))
+    print(text_table(report["results"], [c for c in cols if any(c in r for r in report["results"])]))
     print("latency:", json.dumps(report["latency"]))
     if "warm_start" in report:
         print("warm start:", json.dumps(report["warm_start"]))
     if report.get("curve"):
-        print(_table(report["curve"], ["epoch", "minutes", "test_ndcg@10", "test_hr@10"]))
+        print(text_table(report["curve"], ["epoch", "minutes", "test_ndcg@10", "test_hr@10"]))
     out = Path(args.out or f"bench/results/quality-{args.dataset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

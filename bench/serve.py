@@ -60,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stratarec.tables import text_table
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 log = logging.getLogger("bench.serve")
@@ -537,18 +539,8 @@ def _server_exceptions(log_path: Path) -> dict[str, int]:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    """A plain-text table."""
-
-    def fmt(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        return "" if v is None else str(v)
-
-    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
-    head = " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
-    sep = "-+-".join("-" * w for w in widths)
-    body = "\n".join(" | ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)) for r in rows)
-    return f"{head}\n{sep}\n{body}"
+    """A plain-text table (milliseconds to 2 decimals)."""
+    return text_table(rows, cols, digits=2)
 
 
 def print_report(report: dict) -> None:
