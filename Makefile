@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STRATAREC_DATA_DIR ?= ../shared/data
 export STRATAREC_DATA_DIR
 
-.PHONY: help setup run test test-unit test-fast lint compile serve monitor bench-quality bench-serve clean
+.PHONY: help setup run test test-unit test-fast lint compile serve monitor bench-quality bench-serve bench-fuzz clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ bench-quality: setup ## Recommendation-quality benchmark (ARGS="--dataset ml-1m-
 
 bench-serve: setup ## Serving load benchmark of the production Bento on Redis features (ARGS="--duration 30 --rate 150")
 	$(BIN)/python bench/serve.py $(ARGS)
+
+bench-fuzz: setup ## Schemathesis fuzz of the service at full size (ARGS="--examples 1000")
+	$(BIN)/python bench/fuzz.py $(ARGS)
 
 clean: ## Remove run outputs and the local workspace
 	rm -rf runs .stratarec build local_outputs

@@ -34,9 +34,7 @@ log = logging.getLogger("bench.quality")
 K = 10
 
 
-def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single: int = 1000, batch: int = 256) -> dict:
-    """Median single-user full-catalogue scoring time and one 256-user batch, in ms."""
-    torch.set_num_threads(torch.get_num_threads())
+def _latency_of(scorer, histories: list[np.ndarray], n_single: int, batch: int) -> dict:
     users = [histories[i % len(histories)] for i in range(n_single)]
     for h in users[:20]:  # warm-up
         scorer.score([h])
@@ -58,6 +56,26 @@ def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single
         "single_user_ms_p95": float(np.percentile(single, 95)),
         "batch256_ms_median": statistics.median(batches) if batches else None,
     }
+
+
+def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single: int = 1000, batch: int = 256) -> dict:
+    """Median time to score every item for one user (over ``n_single`` users) and for 256 users at once, in ms.
+
+    Measured twice: through the serving scorer (:class:`InferenceScorer`, what the BentoML
+    service runs, one torch thread as there) and through the evaluation scorer (the Hugging
+    Face forward pass that training and the gate use, with this process's threads).
+    """
+    from stratarec.model.sequential import InferenceScorer
+
+    histories = [h for h in histories if len(h)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serving = _latency_of(InferenceScorer(scorer.model), histories, n_single, batch)
+    finally:
+        torch.set_num_threads(threads)
+    evaluation = _latency_of(scorer, histories, n_single, batch)
+    return {**serving, "scorer": "InferenceScorer, 1 torch thread", "evaluation_scorer": {**evaluation, "torch_threads": threads}}
 
 
 def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[ModelConfig, TrainConfig]:

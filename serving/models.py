@@ -191,3 +191,26 @@ class ErrorResponse(_Response):
 
     error: str
     detail: list[ErrorDetail] | str = Field(description="The problems, or the name of the field that is wrong.")
+
+
+class ServerArguments(BaseModel):
+    """Options of one server process, given as ``bentoml serve <bento> --arg key=value``.
+
+    They size and instrument the process; what the model answers is the model's own config.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes. One per CPU the pod may use; a sync API shares one GIL per process, "
+        "so one process cannot use a second core for scoring.",
+    )
+    access_log: bool = Field(
+        False,
+        description="BentoML's per-request access log line. Off by default: the service's own request log "
+        "already records every answer (with features and latency) without blocking the response.",
+    )
+    metrics: bool = Field(True, description="Prometheus metrics at /metrics.")
