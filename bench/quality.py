@@ -86,6 +86,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         num_layers=args.layers,
         num_heads=args.heads,
         dropout=args.dropout,
+        attention_dropout=args.attention_dropout,
         max_len=max_len,
         text_init=text_init,
     )
@@ -96,6 +97,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         patience=args.patience,
         max_minutes=args.budget_minutes,
         seed=args.seed,
+        cpu_bf16=args.cpu_bf16,
     )
     return model_cfg, train_cfg
 
@@ -321,6 +323,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--attention-dropout", type=float, default=0.0, help="0 lets causal attention use the fused kernel")
+    p.add_argument("--cpu-bf16", action="store_true", help="bf16 products in the loss where the CPU has them")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)

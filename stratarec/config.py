@@ -121,6 +121,13 @@ class ModelConfig(_Strict):
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, ge=1)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    attention_dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on attention probabilities; None means the same as dropout. 0 lets a causal stack use the "
+        "fused (flash) attention kernel, about a quarter less time per training step on a CPU.",
+    )
     max_len: int = Field(50, ge=2, le=512)
     text_init: bool = True
 
@@ -143,6 +150,11 @@ class TrainConfig(_Strict):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True
+    cpu_bf16: bool = Field(
+        False,
+        description="bf16 products in the catalogue loss on CPUs with native bf16 (AVX512-BF16/AMX). Off by default: on "
+        "the 2-core EPYC this project is measured on it was no faster than fp32 at hidden size 64.",
+    )
     warm_start: bool = False
     warm_start_epochs: int = Field(10, ge=1)
     warm_start_lr_factor: float = Field(

@@ -29,6 +29,7 @@ from torch import nn
 from stratarec.config import ModelConfig, TrainConfig
 from stratarec.evaluation.metrics import ndcg_at_k
 from stratarec.evaluation.ranking import rank_top_k
+from stratarec.model.losses import cpu_has_bf16, linear_cross_entropy
 from stratarec.model.sequential import Architecture, SequentialRecommender, load_model, save_model
 from stratarec.sequences import ItemIndex, SequenceSplit, pad_right
 
@@ -157,20 +158,33 @@ def _batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator, p
         yield batches[b]
 
 
-def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device) -> torch.Tensor:
+def _catalogue_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """Full-softmax cross-entropy of (N, d) states against (N,) item rows (1-based)."""
+    if hidden.device.type == "cpu":
+        # Chunked and fused: never writes the (N, n_items) logits, ~2.5x faster on a CPU.
+        table = model.item_matrix()[1 : model.arch.n_items + 1]
+        return linear_cross_entropy(hidden.float(), table.float(), targets - 1, low_precision=low_precision)
+    return nn.functional.cross_entropy(model.logits(hidden).float(), targets - 1)
+
+
+def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, low_precision: bool = False) -> torch.Tensor:
     items, lengths = pad_right(windows, model.arch.max_len + 1)
     x = torch.from_numpy(items[:, :-1]).to(device)  # (B, T)
     y = torch.from_numpy(items[:, 1:]).to(device)  # (B, T) next item, 0 = padding
-    mask = (x > 0).long()
-    hidden = model.encode(x, mask)  # (B, T, d)
+    # Right padding needs no mask under causal attention (see SequentialRecommender.encode).
+    hidden = model.encode(x, None)  # (B, T, d)
     real = y > 0
     # Score only positions that have a next item: padding would cost a full (T, n_items) slab.
-    logits = model.logits(hidden[real])  # (N, n_items)
-    return nn.functional.cross_entropy(logits.float(), y[real] - 1)
+    return _catalogue_loss(model, hidden[real], y[real], low_precision)
 
 
 def _masked_loss(
-    model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, generator: torch.Generator, mask_prob: float = 0.2
+    model: SequentialRecommender,
+    windows: list[np.ndarray],
+    device: torch.device,
+    generator: torch.Generator,
+    mask_prob: float = 0.2,
+    low_precision: bool = False,
 ) -> torch.Tensor:
     items, lengths = pad_right(windows, model.arch.max_len)
     x = torch.from_numpy(items)
@@ -185,8 +199,7 @@ def _masked_loss(
     x = torch.where(masked, torch.full_like(x, model.mask_token), x).to(device)
     hidden = model.encode(x, real.long().to(device))
     sel = masked.to(device)
-    logits = model.logits(hidden[sel])  # (M, n_items)
-    return nn.functional.cross_entropy(logits.float(), y[sel] - 1)
+    return _catalogue_loss(model, hidden[sel], y[sel], low_precision)
 
 
 def validation_ndcg(
@@ -307,6 +320,9 @@ def train_sequential(
     lr = train_cfg.learning_rate * (train_cfg.warm_start_lr_factor if warm else 1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train_cfg.weight_decay)
     autocast, scaler = autocast_for(device, train_cfg.mixed_precision)
+    # On a CPU, mixed precision means bf16 products in the catalogue loss, where nearly all
+    # the arithmetic is; the small encoder matmuls gain nothing from casting.
+    cpu_bf16 = device.type == "cpu" and train_cfg.mixed_precision and train_cfg.cpu_bf16 and cpu_has_bf16()
     max_epochs = train_cfg.warm_start_epochs if warm else train_cfg.epochs
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -350,9 +366,9 @@ def train_sequential(
             chunk = [windows[i] for i in batch_idx]
             with autocast:
                 if arch.kind == "causal":
-                    loss = _causal_loss(model, chunk, device)
+                    loss = _causal_loss(model, chunk, device, cpu_bf16)
                 else:
-                    loss = _masked_loss(model, chunk, device, generator)
+                    loss = _masked_loss(model, chunk, device, generator, low_precision=cpu_bf16)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -47,6 +47,12 @@ class Architecture:
     dropout: float
     max_len: int
     text_init: bool
+    attention_dropout: float | None = None  # None: same as dropout (bundles saved before this field)
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        """Dropout on attention probabilities."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, n_items: int, text_dim: int) -> Architecture:
@@ -61,6 +67,7 @@ class Architecture:
             dropout=cfg.dropout,
             max_len=cfg.max_len,
             text_init=cfg.text_init,
+            attention_dropout=cfg.attention_dropout,
         )
 
 
@@ -104,7 +111,7 @@ class SequentialRecommender(nn.Module):
                     n_inner=4 * d,
                     resid_pdrop=arch.dropout,
                     embd_pdrop=arch.dropout,
-                    attn_pdrop=arch.dropout,
+                    attn_pdrop=arch.attention_dropout_rate,
                     activation_function="gelu",
                     bos_token_id=None,
                     eos_token_id=None,
@@ -119,7 +126,7 @@ class SequentialRecommender(nn.Module):
                     num_attention_heads=arch.num_heads,
                     intermediate_size=4 * d,
                     hidden_dropout_prob=arch.dropout,
-                    attention_probs_dropout_prob=arch.dropout,
+                    attention_probs_dropout_prob=arch.attention_dropout_rate,
                     max_position_embeddings=arch.max_len,
                     pad_token_id=None,
                 ),
@@ -140,12 +147,14 @@ class SequentialRecommender(nn.Module):
             weight = weight + self.text_projection(self.text_embeddings)
         return weight
 
-    def encode(self, items: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Contextual states for each position.
 
         Args:
             items: (B, T) item indices, right-padded with 0.
-            attention_mask: (B, T) 1 for real positions.
+            attention_mask: (B, T) 1 for real positions. A causal stack may get None for
+                right-padded rows: no real position attends to a later (padded) one, and
+                without a mask the attention runs as one fused causal kernel.
 
         Returns:
             (B, T, d) hidden states.
