@@ -167,7 +167,9 @@ def _catalogue_loss(model: SequentialRecommender, hidden: torch.Tensor, targets:
     return nn.functional.cross_entropy(model.logits(hidden).float(), targets - 1)
 
 
-def _causal_loss(model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, low_precision: bool = False) -> torch.Tensor:
+def _causal_loss(
+    model: SequentialRecommender, windows: list[np.ndarray], device: torch.device, low_precision: bool = False
+) -> torch.Tensor:
     items, lengths = pad_right(windows, model.arch.max_len + 1)
     x = torch.from_numpy(items[:, :-1]).to(device)  # (B, T)
     y = torch.from_numpy(items[:, 1:]).to(device)  # (B, T) next item, 0 = padding
