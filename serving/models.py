@@ -155,6 +155,15 @@ class RequestLogStatus(_Response):
     files_rotated: int = 0
 
 
+class StateCacheStatus(_Response):
+    """The user-state cache: transformer passes saved by answering a repeated history from memory."""
+
+    entries: int
+    capacity: int
+    hits: int
+    misses: int
+
+
 class ServiceStatus(_Response):
     """What ``/readyz`` decides from, in detail."""
 
@@ -176,6 +185,7 @@ class ServiceStatus(_Response):
     requests_degraded: int
     requests_stale: int = Field(0, description="Requests answered from stale features.")
     request_log: RequestLogStatus
+    state_cache: StateCacheStatus | None = Field(None, description="Null when ServingConfig.state_cache_size is 0.")
 
 
 class ErrorDetail(_Response):

@@ -100,6 +100,7 @@ from stratarec.serving.models import (
     ServiceStatus,
     SimilarItemsRequest,
     SimilarItemsResponse,
+    StateCacheStatus,
 )
 
 log = logging.getLogger(__name__)
@@ -925,8 +926,8 @@ class RecommenderService:
         try:
             model = bentoml.models.get(self.model_tag)
             model_dir = Path(model.path)
-            bundle = RecommenderBundle(model_dir)
             cfg = StrataConfig.from_json((model_dir / CONFIG_FILE).read_text())
+            bundle = RecommenderBundle(model_dir, state_cache_size=cfg.serving.state_cache_size)
         except Exception as exc:
             self.model_error = _short(exc)
             return False
@@ -1016,6 +1017,7 @@ class RecommenderService:
             n_layers=len(self.bundle.layer_names),
             feature_store=features,
             request_log=self.request_log.stats() if self.request_log else RequestLogStatus(enabled=False),
+            state_cache=StateCacheStatus(**self.bundle.state_cache.stats()) if self.bundle.state_cache else None,
             **counters,
         )
 

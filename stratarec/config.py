@@ -130,6 +130,12 @@ class ModelConfig(_Strict):
     )
     max_len: int = Field(50, ge=2, le=512)
     text_init: bool = True
+    id_shrinkage: float = Field(
+        0.0,
+        ge=0.0,
+        description="With text_init: an item with c training events weighs its ID row by c / (c + id_shrinkage), so "
+        "rare and new items are scored mostly from their text. 0 turns it off.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -198,6 +204,12 @@ class ServingConfig(_Strict):
     default_k: int = 10
     max_k: int = 1000
     feature_timeout_ms: float = 50.0
+    state_cache_size: int = Field(
+        100_000,
+        ge=0,
+        description="User states kept in memory, keyed by the exact history the model sees (~0.3 KB each at hidden "
+        "size 64): a repeated history skips the transformer pass. 0 turns the cache off.",
+    )
     request_log: str = "request_log"
     feature_retry_seconds: float = Field(
         1.0,

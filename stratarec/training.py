@@ -228,7 +228,8 @@ def warm_start_model(model: SequentialRecommender, source_dir: Path, index: Item
     old_ids = np.asarray(json.loads((source_dir / ITEM_IDS_FILE).read_text()), dtype=np.int64)
     if old.arch.hidden_size != model.arch.hidden_size or old.arch.kind != model.arch.kind:
         raise ValueError("warm start needs the same model.architecture and model.hidden_size as the production model")
-    state = {k: v for k, v in old.state_dict().items() if k not in ("text_embeddings", "id_embedding.weight")}
+    # Item-shaped tensors are remapped by id below (or recomputed from the new data: id_scale).
+    state = {k: v for k, v in old.state_dict().items() if k not in ("text_embeddings", "id_embedding.weight", "id_scale")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"warm start: unexpected weights {unexpected}")
@@ -313,6 +314,7 @@ def train_sequential(
     text_dim = text_embeddings.shape[1] if text_embeddings is not None else 1
     arch = Architecture.from_config(model_cfg, len(index), text_dim)
     model = SequentialRecommender(arch, text_embeddings if text_embeddings is not None else None)
+    model.set_item_counts(split.train_item_counts(len(index)))
     warm = False
     if init_from is not None:
         carried = warm_start_model(model, Path(init_from), index)

@@ -48,6 +48,7 @@ class Architecture:
     max_len: int
     text_init: bool
     attention_dropout: float | None = None  # None: same as dropout (bundles saved before this field)
+    id_shrinkage: float = 0.0  # 0: ID rows at full weight (bundles saved before this field)
 
     @property
     def attention_dropout_rate(self) -> float:
@@ -68,6 +69,7 @@ class Architecture:
             max_len=cfg.max_len,
             text_init=cfg.text_init,
             attention_dropout=cfg.attention_dropout,
+            id_shrinkage=cfg.id_shrinkage if cfg.text_init else 0.0,
         )
 
 
@@ -88,6 +90,10 @@ class SequentialRecommender(nn.Module):
                 raise ValueError(f"text_embeddings must have shape ({arch.n_items}, {arch.text_dim}), got {tuple(t.shape)}")
             text[1 : arch.n_items + 1] = t
         self.register_buffer("text_embeddings", text)
+        # Per-row weight of the ID part, c / (c + id_shrinkage) for an item with c training
+        # events (see set_item_counts): a rare item's ID row has seen too few positives to be
+        # trusted, so its score leans on text. Ones = plain ID + text rows.
+        self.register_buffer("id_scale", torch.ones(n_rows))
         self.id_embedding = nn.Embedding(n_rows, d, padding_idx=0)
         if arch.text_init:
             self.text_projection: nn.Linear | None = nn.Linear(arch.text_dim, d)
@@ -140,9 +146,25 @@ class SequentialRecommender(nn.Module):
         """Index of the [MASK] row (bidirectional models)."""
         return self.arch.n_items + 1
 
+    def set_item_counts(self, counts: np.ndarray | torch.Tensor) -> None:
+        """Set the ID-row weights from (n_items + 1,) training-event counts per row (row 0 = padding).
+
+        A no-op unless the architecture has ``id_shrinkage > 0`` and text rows to lean on.
+        """
+        if self.arch.id_shrinkage <= 0 or self.text_projection is None:
+            return
+        c = torch.as_tensor(np.asarray(counts), dtype=torch.float32).reshape(-1)
+        if c.shape[0] != self.arch.n_items + 1:
+            raise ValueError(f"counts must have n_items + 1 = {self.arch.n_items + 1} entries, got {c.shape[0]}")
+        scale = torch.ones_like(self.id_scale)
+        scale[: c.shape[0]] = c / (c + self.arch.id_shrinkage)
+        self.id_scale.copy_(scale.to(self.id_scale.device))
+
     def item_matrix(self) -> torch.Tensor:
         """All item rows, shape (n_items + 2, d)."""
         weight = self.id_embedding.weight
+        if self.arch.id_shrinkage > 0:
+            weight = weight * self.id_scale[:, None]
         if self.text_projection is not None:
             weight = weight + self.text_projection(self.text_embeddings)
         return weight
@@ -208,6 +230,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> Sequentia
     arch = Architecture(**json.loads((Path(directory) / ARCH_FILE).read_text()))
     model = SequentialRecommender(arch)
     state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
+    state.setdefault("id_scale", torch.ones_like(model.id_scale))  # bundles saved before id_scale existed
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -337,14 +360,21 @@ class InferenceScorer:
         ln_f = self._ln_f
         return F.layer_norm(h, (d,), ln_f[0], ln_f[1], ln_f[2])
 
-    def score(self, histories: list[np.ndarray]) -> np.ndarray:
-        """(B, n_items) float32 scores for non-empty histories of item rows (oldest first).
+    def states(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """(B, d) user states for non-empty histories of item rows (oldest first).
 
         Each history is cut to its last ``history_len`` items, as :class:`~stratarec.training.ModelScorer` does.
         """
         items, lengths = pad_right(histories, self.history_len)
         if (lengths < 1).any():
-            raise ValueError("InferenceScorer.score needs non-empty histories")
+            raise ValueError("InferenceScorer needs non-empty histories")
+        return self.user_states(items, lengths)
+
+    def scores_of(self, states: torch.Tensor) -> np.ndarray:
+        """(B, n_items) float32 scores of (B, d) user states."""
         with torch.inference_mode():
-            states = self.user_states(items, lengths)
             return (states @ self.logit_table.T).numpy()
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(B, n_items) float32 scores for non-empty histories of item rows (oldest first)."""
+        return self.scores_of(self.states(histories))

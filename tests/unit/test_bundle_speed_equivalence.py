@@ -244,3 +244,24 @@ def test_inference_scorer_snapshot_is_safe_across_threads(pair):
         got = list(pool.map(lambda r: bundle.score_rows([r])[0], rows))
     np.testing.assert_allclose(np.stack(got), want, rtol=0, atol=1e-5)
     assert isinstance(bundle.fast, InferenceScorer)
+
+
+def test_state_cache_answers_equal_uncached_and_never_go_stale(pair):
+    bundle, ref = pair
+    cached = RecommenderBundle(bundle.directory, state_cache_size=3)
+    rows = [ref.rows(h) for h in _histories()]
+    want = ref.scores(rows)
+    for _ in range(2):  # first pass fills the cache, second is answered from it
+        np.testing.assert_allclose(cached.score_rows(rows), want, rtol=0, atol=1e-5)
+    stats = cached.state_cache.stats()
+    assert stats["entries"] == 3 and stats["capacity"] == 3  # least recently used evicted past capacity
+    assert stats["hits"] + stats["misses"] == 2 * len(rows)
+    # A history the model sees differently (one more event) is a new key, not the old answer.
+    longer = np.append(rows[0], rows[1][0])
+    np.testing.assert_allclose(cached.score_rows([longer])[0], ref.scores([longer])[0], rtol=0, atol=1e-5)
+    # Rows beyond the model's window do not split the key: the same visible suffix hits.
+    before = cached.state_cache.stats()["hits"]
+    suffix = rows[3][-ref.history_len :]
+    cached.score_rows([suffix])
+    cached.score_rows([np.concatenate([rows[2], suffix])])
+    assert cached.state_cache.stats()["hits"] == before + 1
