@@ -89,6 +89,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         attention_dropout=args.attention_dropout,
         max_len=max_len,
         text_init=text_init,
+        id_shrinkage=args.id_shrinkage,
     )
     train_cfg = TrainConfig(
         epochs=args.epochs,
@@ -98,6 +99,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         max_minutes=args.budget_minutes,
         seed=args.seed,
         cpu_bf16=args.cpu_bf16,
+        history_windows=args.history_windows,
     )
     return model_cfg, train_cfg
 
@@ -324,6 +326,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--attention-dropout", type=float, default=0.0, help="0 lets causal attention use the fused kernel")
+    p.add_argument("--history-windows", choices=["all", "latest"], default="all", help="train on every window or the newest per user")
+    p.add_argument("--id-shrinkage", type=float, default=5.0, help="text-init models: ID rows weighted by c / (c + this)")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 products in the loss where the CPU has them")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--max-history", type=int, default=200)

@@ -167,6 +167,11 @@ class TrainConfig(_Strict):
         0.3, gt=0, le=1, description="Fine-tuning uses learning_rate times this: smaller steps keep what the model knew."
     )
     num_threads: int | None = None
+    history_windows: Literal["all", "latest"] = Field(
+        "all",
+        description="Histories longer than model.max_len: 'all' trains on every window (each transition once), "
+        "'latest' only on the newest max_len items per user (users weigh equally, as the test does; SASRec's recipe).",
+    )
 
 
 class LayerConfig(_Strict):

@@ -113,10 +113,11 @@ class TrainResult:
     warm_started: bool = False
 
 
-def _causal_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+def _causal_windows(train: list[np.ndarray], max_len: int, latest_only: bool = False) -> list[np.ndarray]:
     """Cut each history into windows of up to ``max_len + 1`` items, newest first.
 
-    Long histories then contribute all their transitions, not only the last ``max_len``.
+    Long histories then contribute all their transitions, not only the last ``max_len``,
+    unless ``latest_only``: then each user gives just the newest window.
     """
     windows = []
     for seq in train:
@@ -124,18 +125,18 @@ def _causal_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
         while end >= 2:
             start = max(0, end - max_len - 1)
             windows.append(seq[start:end])
-            end = start + 1 if start > 0 else 0
+            end = start + 1 if start > 0 and not latest_only else 0
     return windows
 
 
-def _masked_windows(train: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+def _masked_windows(train: list[np.ndarray], max_len: int, latest_only: bool = False) -> list[np.ndarray]:
     windows = []
     for seq in train:
         end = len(seq)
         while end >= 1:
             start = max(0, end - max_len)
             windows.append(seq[start:end])
-            end = start
+            end = start if not latest_only else 0
     return windows
 
 
@@ -350,10 +351,11 @@ def train_sequential(
         else:
             log.info("checkpoint in %s belongs to another run; starting fresh", checkpoint_dir)
 
+    latest = train_cfg.history_windows == "latest"
     if arch.kind == "causal":
-        windows = _causal_windows(split.train, arch.max_len)
+        windows = _causal_windows(split.train, arch.max_len, latest)
     else:
-        windows = _masked_windows(split.train, arch.max_len)
+        windows = _masked_windows(split.train, arch.max_len, latest)
     if not windows:
         raise ValueError("no training sequences: every user needs at least 2 training events")
     window_lengths = np.array([len(w) for w in windows])
