@@ -100,6 +100,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         seed=args.seed,
         cpu_bf16=args.cpu_bf16,
         history_windows=args.history_windows,
+        num_threads=args.threads,
     )
     return model_cfg, train_cfg
 
@@ -326,6 +327,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--attention-dropout", type=float, default=0.0, help="0 lets causal attention use the fused kernel")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     p.add_argument("--history-windows", choices=["all", "latest"], default="all", help="train on every window or the newest per user")
     p.add_argument("--id-shrinkage", type=float, default=5.0, help="text-init models: ID rows weighted by c / (c + this)")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 products in the loss where the CPU has them")
