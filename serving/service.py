@@ -23,9 +23,10 @@ old by the wall clock.
 
 Faults never fail a request. A feature read that errors or misses its deadline
 (``ServingConfig.feature_timeout_ms``) is answered from the user's interest layer and global
-popularity with ``degraded=true`` and a ``degraded_reason``; after a failure the store is left
-alone for ``ServingConfig.feature_retry_seconds``, then one read tries again, so the service
-returns to normal by itself. Answers built from stale features carry ``stale_features=true``.
+popularity with ``degraded=true`` and a ``degraded_reason``; after
+``ServingConfig.feature_failures_to_open`` failures in a row the store is left alone for
+``ServingConfig.feature_retry_seconds``, then one read tries again, so the service returns to
+normal by itself. Answers built from stale features carry ``stale_features=true``.
 
 ``POST /recommend`` and ``POST /recommend/batch`` send a ``Server-Timing`` header
 (``feast;dur=<ms>, score;dur=<ms>``: the feature read and the scoring). ``POST
@@ -260,18 +261,21 @@ class FeastUserFeatures:
       failure, so a service started while Redis or the registry was down recovers by itself.
     * Reads run on a thread pool so that a hung backend costs one deadline, not a stuck
       request; the abandoned read finishes (or fails) in the background.
-    * After a failed read, reads are refused at once for ``retry_s`` (no request pays a
-      deadline against a store known to be down); then the next read is the trial. Readiness
+    * After ``failures_to_open`` failed reads in a row, reads are refused at once for
+      ``retry_s`` (no request pays a deadline against a store known to be down); then the
+      next read is the trial. Readiness
       probes always try, so an idle service notices recovery too.
     * A background thread re-reads the registry every :data:`REGISTRY_REFRESH_SECONDS` and the
       materialization watermark with it.
     """
 
-    def __init__(self, repo_dir: Path, cfg: FeatureConfig, timeout_s: float, retry_s: float = 1.0) -> None:
+    def __init__(self, repo_dir: Path, cfg: FeatureConfig, timeout_s: float, retry_s: float = 1.0, failures_to_open: int = 3) -> None:
         self.repo_dir = Path(repo_dir)
         self.cfg = cfg
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        self.failures_to_open = max(1, int(failures_to_open))
+        self._consecutive_failures = 0
         self._store: Any = None
         self._opened_at = -float("inf")
         self._open_error = ""
@@ -360,9 +364,15 @@ class FeastUserFeatures:
     def _outcome(self, error: str | None) -> None:
         with self._state:
             if error is None:
-                self._failing = False
-            else:
-                self._failing, self._failed_at, self._last_error = True, time.monotonic(), error
+                self._failing, self._consecutive_failures = False, 0
+                return
+            self._consecutive_failures += 1
+            self._last_error = error
+            # One slow read (a GC pause, the registry refresh holding the GIL) degrades only its
+            # own answer; the breaker opens after several failures in a row, or again at once
+            # when the trial read of an open breaker fails.
+            if self._failing or self._consecutive_failures >= self.failures_to_open:
+                self._failing, self._failed_at = True, time.monotonic()
 
     def _read(self, user_ids: list[int], start: _ReadStart) -> dict[int, dict | None]:
         start.mark()
@@ -935,7 +945,9 @@ class RecommenderService:
         self.cfg = cfg
         repo = Path(os.environ.get(FEATURE_REPO_ENV) or feature_repo_dir(cfg))
         serving = cfg.serving
-        self.features = FeastUserFeatures(repo, cfg.features, serving.feature_timeout_ms / 1000.0, serving.feature_retry_seconds)
+        self.features = FeastUserFeatures(
+            repo, cfg.features, serving.feature_timeout_ms / 1000.0, serving.feature_retry_seconds, serving.feature_failures_to_open
+        )
         log_dir = os.environ.get(REQUEST_LOG_ENV, str(cfg.workspace_path / serving.request_log))
         if log_dir:
             self.request_log = RequestLog(

@@ -219,7 +219,12 @@ class ServingConfig(_Strict):
     feature_retry_seconds: float = Field(
         1.0,
         gt=0,
-        description="After a failed feature read, requests are answered degraded without a read for this long; then one read retries.",
+        description="Once the breaker opens, requests are answered degraded without a read for this long; then one read retries.",
+    )
+    feature_failures_to_open: int = Field(
+        3,
+        ge=1,
+        description="Failed feature reads in a row that open the breaker. A single slow read degrades only its own answer.",
     )
     request_log_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="A request-log file is closed and a new one started once it holds this many bytes."
