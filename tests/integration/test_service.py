@@ -17,6 +17,7 @@ reference computation over the same bundle (``Reference`` from
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -172,6 +173,11 @@ def test_probes_and_status(client, released):
     assert store["freshness_bound_hours"] == released["cfg"].features.freshness_hours == 876_000
     assert store["age_hours"] > 24 * 365  # synthetic 2024 data: old, yet within the demo bound
     assert status["request_log"]["enabled"] and status["request_log"]["dropped"] == 0
+    cache = status["state_cache"]  # the user-state cache counts what the earlier tests asked
+    assert cache["capacity"] == released["cfg"].serving.state_cache_size and cache["hits"] + cache["misses"] > 0
+    assert 0 < cache["entries"] <= cache["capacity"]
+    # Start-up froze the long-lived heap, so a full collection no longer stalls every request.
+    assert gc.get_freeze_count() > 100_000
 
 
 def test_openapi_is_typed(client):
