@@ -90,6 +90,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         max_len=max_len,
         text_init=text_init,
         id_shrinkage=args.id_shrinkage,
+        positions=args.positions,
     )
     train_cfg = TrainConfig(
         epochs=args.epochs,
@@ -329,6 +330,12 @@ def main() -> None:
     p.add_argument("--attention-dropout", type=float, default=0.0, help="0 lets causal attention use the fused kernel")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     p.add_argument("--history-windows", choices=["all", "latest"], default="all", help="train on every window or the newest per user")
+    p.add_argument(
+        "--positions",
+        choices=["from_start", "from_end"],
+        default="from_start",
+        help="position ids from the first or back from the newest item",
+    )
     p.add_argument("--id-shrinkage", type=float, default=5.0, help="text-init models: ID rows weighted by c / (c + this)")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 products in the loss where the CPU has them")
     p.add_argument("--max-len", type=int, default=50)

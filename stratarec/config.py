@@ -130,6 +130,11 @@ class ModelConfig(_Strict):
     )
     max_len: int = Field(50, ge=2, le=512)
     text_init: bool = True
+    positions: Literal["from_start", "from_end"] = Field(
+        "from_start",
+        description="Position embeddings count from a history's first item, or back from its newest item "
+        "(recency-aligned, as left padding gives SASRec): the scored position is then always the same one.",
+    )
     id_shrinkage: float = Field(
         0.0,
         ge=0.0,

@@ -49,6 +49,7 @@ class Architecture:
     text_init: bool
     attention_dropout: float | None = None  # None: same as dropout (bundles saved before this field)
     id_shrinkage: float = 0.0  # 0: ID rows at full weight (bundles saved before this field)
+    positions: str = "from_start"  # bundles saved before this field count positions from the first item
 
     @property
     def attention_dropout_rate(self) -> float:
@@ -70,6 +71,7 @@ class Architecture:
             text_init=cfg.text_init,
             attention_dropout=cfg.attention_dropout,
             id_shrinkage=cfg.id_shrinkage if cfg.text_init else 0.0,
+            positions=cfg.positions,
         )
 
 
@@ -183,8 +185,21 @@ class SequentialRecommender(nn.Module):
         """
         table = self.item_matrix()
         x = self.embedding_dropout(self.embedding_norm(table[items]))  # (B, T, d)
-        out = self.encoder(inputs_embeds=x, attention_mask=attention_mask)
+        position_ids = self.position_ids(items) if self.arch.positions == "from_end" else None
+        out = self.encoder(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state
+
+    def position_ids(self, items: torch.Tensor) -> torch.Tensor:
+        """Recency-aligned positions of right-padded rows: each row's last real item sits at ``max_len - 1``.
+
+        The same computation as left padding, without its attention mask: the newest item of
+        every history (the one whose state is scored) always has the same position embedding,
+        so that embedding is trained by every user's last step, not only by the longest users'.
+        Padding after the last item gets clamped positions; nothing real attends to it.
+        """
+        lengths = (items > 0).sum(dim=1, keepdim=True)
+        t = torch.arange(items.shape[1], device=items.device)[None, :]
+        return (t + self.arch.max_len - lengths).clamp(0, self.arch.max_len - 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over catalogue items 1..n_items for hidden states (..., d) -> (..., n_items)."""
@@ -322,14 +337,19 @@ class InferenceScorer:
                 last = last + 1
                 rows[torch.arange(rows.shape[0]), last] = self.model.mask_token
             mask = (torch.arange(rows.shape[1])[None, :] <= last[:, None]).long()
-            hidden = self.model.encoder(inputs_embeds=self.embedded[rows], attention_mask=mask).last_hidden_state
+            position_ids = self.model.position_ids(rows) if self.model.arch.positions == "from_end" else None
+            hidden = self.model.encoder(inputs_embeds=self.embedded[rows], attention_mask=mask, position_ids=position_ids).last_hidden_state
             return hidden[torch.arange(rows.shape[0]), last]
 
     def _causal_states(self, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         F = torch.nn.functional
         batch, width = rows.shape
         d = self.embedded.shape[1]
-        h = self.embedded[rows] + self._wpe[:width]  # (B, T, d); position dropout is off in eval
+        if self.model.arch.positions == "from_end":
+            positions = (torch.arange(width)[None, :] + self.model.arch.max_len - 1 - last[:, None]).clamp(0, self.model.arch.max_len - 1)
+            h = self.embedded[rows] + self._wpe[positions]  # (B, T, d); position dropout is off in eval
+        else:
+            h = self.embedded[rows] + self._wpe[:width]
         pick = torch.arange(batch)
         n_blocks = len(self._blocks)
         for i, (ln1, qkv_w, proj_w, ln2, fc_w, fc_proj_w, heads, scaling) in enumerate(self._blocks):

@@ -36,12 +36,21 @@ LAYER_POPULAR = "popular in your interest layer '{layer_name}'"
 GLOBAL_POPULAR = "popular with all users (cold start); serves the '{layer_name}' layer"
 
 
-def _bundle(directory, kind: str, text_init: bool, seed: int):
+def _bundle(directory, kind: str, text_init: bool, seed: int, positions: str = "from_start"):
     """A bundle with an untrained (randomly initialised) model: equivalence needs no training."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     arch = Architecture(
-        n_items=N_ITEMS, text_dim=8, kind=kind, hidden_size=16, num_layers=2, num_heads=2, dropout=0.1, max_len=8, text_init=text_init
+        n_items=N_ITEMS,
+        text_dim=8,
+        kind=kind,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        dropout=0.1,
+        max_len=8,
+        text_init=text_init,
+        positions=positions,
     )
     model = SequentialRecommender(arch, rng.normal(size=(N_ITEMS, 8)).astype(np.float32))
     with torch.no_grad():  # ID rows start at zero with text_init; make them matter too
@@ -164,10 +173,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=[("causal", True), ("causal", False), ("bidirectional", True)], ids=lambda p: f"{p[0]}-text{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("causal", True, "from_start"),
+        ("causal", False, "from_start"),
+        ("bidirectional", True, "from_start"),
+        ("causal", True, "from_end"),
+        ("bidirectional", False, "from_end"),
+    ],
+    ids=lambda p: f"{p[0]}-text{p[1]}-{p[2]}",
+)
 def pair(request, tmp_path_factory):
-    kind, text_init = request.param
-    directory = _bundle(tmp_path_factory.mktemp(f"{kind}-{text_init}"), kind, text_init, seed=3)
+    kind, text_init, positions = request.param
+    directory = _bundle(tmp_path_factory.mktemp(f"{kind}-{text_init}-{positions}"), kind, text_init, seed=3, positions=positions)
     bundle = RecommenderBundle(directory)
     return bundle, Reference(directory, bundle.model)
 
