@@ -69,13 +69,23 @@ def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single
 
     histories = [h for h in histories if len(h)]
     threads = torch.get_num_threads()
+    fast = InferenceScorer(scorer.model)
     try:
         torch.set_num_threads(1)
-        serving = _latency_of(InferenceScorer(scorer.model), histories, n_single, batch)
+        serving = _latency_of(fast, histories, n_single, batch)
+        # A batch job (re-scoring every user offline) may use every core of the machine.
+        torch.set_num_threads(os.cpu_count() or 1)
+        all_cores = _latency_of(fast, histories, 20, batch)
     finally:
         torch.set_num_threads(threads)
     evaluation = _latency_of(scorer, histories, n_single, batch)
-    return {**serving, "scorer": "InferenceScorer, 1 torch thread", "evaluation_scorer": {**evaluation, "torch_threads": threads}}
+    return {
+        **serving,
+        "scorer": "InferenceScorer, 1 torch thread",
+        "batch256_ms_median_all_cores": all_cores["batch256_ms_median"],
+        "all_cores_threads": os.cpu_count(),
+        "evaluation_scorer": {**evaluation, "torch_threads": threads},
+    }
 
 
 def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[ModelConfig, TrainConfig]:
@@ -335,6 +345,29 @@ def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> d
     }
 
 
+def latency_only(args: argparse.Namespace) -> None:
+    """Inference latency of a saved model on the data set's histories, printed and written as JSON."""
+    from stratarec.model.sequential import load_model
+
+    if args.dataset == "ml-1m-sasrec":
+        from stratarec.data.sasrec import load_sasrec_split
+
+        histories = load_sasrec_split(Path(args.data_dir)).train
+    else:
+        ordered, _, index, _, cap = _ml100k_split(Path(args.data_dir), args.max_history)
+        histories = _cap(split_from_events(ordered, index), cap).test_inputs()
+    model = load_model(Path(args.latency_from))
+    report = {"dataset": args.dataset, "model": args.latency_from, "latency": inference_latency(ModelScorer(model), histories)}
+    report["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg": os.getloadavg()}
+    print("latency:", json.dumps(report["latency"]))
+    out = Path(args.out or f"bench/results/latency-{args.dataset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-1m-sasrec", "ml-100k"], required=True)
@@ -367,8 +400,11 @@ def main() -> None:
     p.add_argument("--curve-every", type=int, default=2)
     p.add_argument("--checkpoint-dir", default="bench/results/checkpoints")
     p.add_argument("--out", default=None)
+    p.add_argument("--latency-from", metavar="MODEL_DIR", help="only measure inference latency of a saved model (a checkpoint's best/)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.latency_from:
+        return latency_only(args)
     started = time.perf_counter()
     report = run_ml1m(args) if args.dataset == "ml-1m-sasrec" else run_ml100k(args)
     report["wall_seconds"] = time.perf_counter() - started
