@@ -441,6 +441,12 @@ def orchestrate(args: argparse.Namespace) -> dict:
             setup.update(project=name, registry_schema=name, online_store="redis")
         else:
             setup.update(online_store="sqlite")
+        if args.state_cache_size is not None:
+            # The service reads serving.state_cache_size from the model's config: change the private copy only.
+            model_cfg = json.loads((model_dir / "config.json").read_text())
+            model_cfg.setdefault("serving", {})["state_cache_size"] = args.state_cache_size
+            (model_dir / "config.json").write_text(json.dumps(model_cfg))
+        setup["state_cache_size"] = json.loads((model_dir / "config.json").read_text()).get("serving", {}).get("state_cache_size")
         setup["feature_repo"] = str(repo)
         env = {
             **os.environ,
@@ -546,9 +552,23 @@ def _serve_and_load(args, bento_tag: str, env: dict, work: Path, routes: list[di
         setup["loadgen_cpu_seconds"] = round(cpu, 1)
         setup["loadgen_wall_seconds"] = round(time.monotonic() - started, 1)
         setup["client"] = args.client
+        setup["status_after_load"] = _status(url)  # one worker's counters, user-state cache hits included
     finally:
         _stop(server)
     return rows, url, _server_exceptions(server_log)
+
+
+def _status(url: str) -> dict | None:
+    """``POST /status`` of whichever worker answers, or None."""
+    import urllib.request
+
+    request = urllib.request.Request(url + "/status", data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            status = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return {key: status.get(key) for key in ("requests_served", "requests_degraded", "requests_stale", "state_cache")}
 
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_recommend.lua"
@@ -647,6 +667,18 @@ def print_report(report: dict) -> None:
     if "loadgen_cpu_seconds" in s:
         print(f"load generator: {s['loadgen_cpu_seconds']} CPU s over {s['loadgen_wall_seconds']} s wall (same 2 cores as the server)")
     print(f"batching: {report['batching']}")
+    status = s.get("status_after_load") or {}
+    if status.get("state_cache"):
+        c = status["state_cache"]
+        total = c["hits"] + c["misses"]
+        print(
+            f"user-state cache (one worker, capacity {c['capacity']}): {c['entries']} entries, "
+            f"{c['hits']} hits / {total} lookups ({c['hits'] / total:.1%})"
+            if total
+            else "user-state cache: no lookups"
+        )
+    elif "state_cache_size" in s:
+        print(f"user-state cache: off (state_cache_size={s['state_cache_size']})")
     if report.get("timing_note"):
         print(f"timing: {report['timing_note']}")
     for message, count in (report.get("server_exceptions") or {}).items():
@@ -672,6 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=2, help="BentoML worker processes (`bentoml serve --arg workers=N`)")
     p.add_argument("--access-log", action="store_true", help="turn BentoML's per-request access log on")
+    p.add_argument(
+        "--state-cache-size",
+        type=int,
+        default=None,
+        help="override serving.state_cache_size in the private model copy (0: every request runs the transformer)",
+    )
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--breakdown-requests", type=int, default=300, help="in-process Feast-vs-scoring requests (0: skip)")
