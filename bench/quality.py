@@ -375,6 +375,15 @@ def plot_curve(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _write_report(report: dict, out: Path) -> None:
+    """Write the report as JSON atomically and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
 def latency_only(args: argparse.Namespace) -> None:
     """Inference latency of a saved model on the data set's histories, printed and written as JSON."""
     from stratarec.model.sequential import load_model
@@ -390,12 +399,7 @@ def latency_only(args: argparse.Namespace) -> None:
     report = {"dataset": args.dataset, "model": args.latency_from, "latency": inference_latency(ModelScorer(model), histories)}
     report["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "loadavg": os.getloadavg()}
     print("latency:", json.dumps(report["latency"]))
-    out = Path(args.out or f"bench/results/latency-{args.dataset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    _write_report(report, Path(args.out or f"bench/results/latency-{args.dataset}.json"))
 
 
 def main() -> None:
@@ -454,11 +458,7 @@ def main() -> None:
     if report.get("curve"):
         print(text_table(report["curve"], ["epoch", "minutes", "ndcg@10", "hr@10", "train_input_ndcg@10", "train_input_hr@10"]))
     out = Path(args.out or f"bench/results/quality-{args.dataset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    _write_report(report, out)
     if report.get("curve"):
         plot_curve(report, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.png')}")
