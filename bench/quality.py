@@ -65,6 +65,7 @@ def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single
     service runs, one torch thread as there) and through the evaluation scorer (the Hugging
     Face forward pass that training and the gate use, with this process's threads).
     """
+    from stratarec.model.losses import cpu_has_bf16
     from stratarec.model.sequential import InferenceScorer
 
     histories = [h for h in histories if len(h)]
@@ -76,6 +77,7 @@ def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single
         # A batch job (re-scoring every user offline) may use every core of the machine.
         torch.set_num_threads(os.cpu_count() or 1)
         all_cores = _latency_of(fast, histories, 20, batch)
+        all_cores_bf16 = _latency_of(InferenceScorer(scorer.model, low_precision=True), histories, 20, batch) if cpu_has_bf16() else {}
     finally:
         torch.set_num_threads(threads)
     evaluation = _latency_of(scorer, histories, n_single, batch)
@@ -83,6 +85,7 @@ def inference_latency(scorer: ModelScorer, histories: list[np.ndarray], n_single
         **serving,
         "scorer": "InferenceScorer, 1 torch thread",
         "batch256_ms_median_all_cores": all_cores["batch256_ms_median"],
+        "batch256_ms_median_all_cores_bf16": all_cores_bf16.get("batch256_ms_median"),
         "all_cores_threads": os.cpu_count(),
         "evaluation_scorer": {**evaluation, "torch_threads": threads},
     }

@@ -284,3 +284,12 @@ def test_state_cache_answers_equal_uncached_and_never_go_stale(pair):
     cached.score_rows([suffix])
     cached.score_rows([np.concatenate([rows[2], suffix])])
     assert cached.state_cache.stats()["hits"] == before + 1
+
+
+def test_low_precision_scorer_stays_close(pair):
+    bundle, ref = pair
+    rows = [ref.rows(h) for h in _histories()]
+    want = ref.scores(rows)
+    got = InferenceScorer(bundle.model, low_precision=True).score(rows)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max())
