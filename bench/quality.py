@@ -345,7 +345,7 @@ def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> d
     full = split.full_histories()
     seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
     scratch = train_sequential(split, index, text, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-scratch")
-    warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs})
+    warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs, "warm_start_lr_factor": args.warm_lr_factor})
     warm = train_sequential(
         split,
         index,
@@ -459,7 +459,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--warm-epochs", type=int, default=3)
+    p.add_argument("--warm-epochs", type=int, default=10)
+    p.add_argument("--warm-lr-factor", type=float, default=1.0)
     p.add_argument("--curve-every", type=int, default=2)
     p.add_argument("--checkpoint-dir", default="bench/results/checkpoints")
     p.add_argument("--out", default=None)
