@@ -215,13 +215,14 @@ def test_only_json_bodies_are_accepted(client, content_type, content):
     assert _locations(r) == [["headers", "content-type"]] and "application/json" in r.json()["error"]
 
 
-def test_nothing_a_client_sends_touches_files(client, log_dir):
+def test_nothing_a_client_sends_touches_files(client, log_dir, tmp_path):
     """Hostile values never name a file the service opens: the log directory holds only the service's own files."""
     for body in ({"user_id": 1, "exclude": [1, 2]}, {"user_id": 3}, {"user_id": 0, "k": 1000, "diversify": True}):
         assert client.post("/recommend", json=body).status_code == 200
-    for body in ({"user_id": "../../x"}, {"user_id": 1, "request_log": "/tmp/owned.jsonl"}, {"user_id": 1, "k": "/dev/zero"}):
+    owned = tmp_path / "owned.jsonl"  # an absolute path outside the service's folders
+    for body in ({"user_id": "../../x"}, {"user_id": 1, "request_log": str(owned)}, {"user_id": 1, "k": "/dev/zero"}):
         assert client.post("/recommend", json=body).status_code == 400
-    assert not Path("/tmp/owned.jsonl").exists()
+    assert not owned.exists()
     names = [p.name for p in log_dir.iterdir()]
     assert names and all(n.startswith("requests-") and n.endswith(".jsonl") for n in names), names
 
