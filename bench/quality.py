@@ -114,6 +114,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         seed=args.seed,
         cpu_bf16=args.cpu_bf16,
         history_windows=args.history_windows,
+        lr_schedule=args.lr_schedule,
         num_threads=args.threads,
     )
     return model_cfg, train_cfg
@@ -458,6 +459,7 @@ def main() -> None:
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="cosine: anneal to 0 over the budget")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--warm-epochs", type=int, default=10)
     p.add_argument("--warm-lr-factor", type=float, default=1.0)

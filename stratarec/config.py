@@ -176,6 +176,11 @@ class TrainConfig(_Strict):
         "epochs): 1.0 came within 0.3% of a from-scratch model's NDCG@10, 0.5 within 1.4%, 0.3 (6 epochs) 9.6% short.",
     )
     num_threads: int | None = None
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="'cosine' anneals the learning rate to 0 over the run's budget: whichever of max_minutes and "
+        "epochs runs out first sets the schedule's progress. For long runs with a fixed time budget.",
+    )
     history_windows: Literal["all", "latest"] = Field(
         "all",
         description="Histories longer than model.max_len: 'all' trains on every window (each transition once), "

@@ -159,6 +159,28 @@ def _batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator, p
         yield batches[b]
 
 
+def scheduled_lr(base_lr: float, schedule: str, elapsed_s: float, budget_s: float, epoch_progress: float) -> float:
+    """Learning rate under ``schedule`` at a point of the run.
+
+    Args:
+        base_lr: The peak (constant) learning rate.
+        schedule: ``"constant"`` or ``"cosine"``.
+        elapsed_s: Training seconds so far (across resumes).
+        budget_s: The run's time budget in seconds.
+        epoch_progress: Fraction of the epoch budget done, fractional epochs included.
+
+    Returns:
+        ``base_lr`` for a constant schedule; for a cosine one, ``base_lr`` annealed by the
+        larger of the two progress fractions, so the rate reaches ~0 when the first budget ends.
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    progress = min(1.0, max(elapsed_s / budget_s if budget_s > 0 else 1.0, epoch_progress))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _catalogue_loss(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor, low_precision: bool) -> torch.Tensor:
     """Full-softmax cross-entropy of (N, d) states against (N,) item rows (1-based)."""
     if hidden.device.type == "cpu":
@@ -361,14 +383,22 @@ def train_sequential(
     window_lengths = np.array([len(w) for w in windows])
 
     val_inputs, val_targets = validation if validation is not None else (split.train, split.val_targets)
-    began = time.monotonic()
+    # A resumed run continues its clock, so a time-based schedule and budget pick up where they were.
+    already = float(history[-1]["elapsed"]) if history else 0.0
+    began = time.monotonic() - already
     budget = train_cfg.max_minutes * 60.0
+    n_batches = math.ceil(len(windows) / train_cfg.batch_size)
     epoch = start_epoch
     for epoch in range(start_epoch + 1, max_epochs + 1):
         model.train()
         t0 = time.monotonic()
         total, batches = 0.0, 0
         for batch_idx in _batches(window_lengths, train_cfg.batch_size, generator):
+            if train_cfg.lr_schedule != "constant":
+                done = (epoch - 1 + batches / n_batches) / max_epochs
+                rate = scheduled_lr(lr, train_cfg.lr_schedule, time.monotonic() - began, budget, done)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
             chunk = [windows[i] for i in batch_idx]
             with autocast:
                 if arch.kind == "causal":
@@ -399,6 +429,8 @@ def train_sequential(
             stale += 1
         elapsed = time.monotonic() - began
         stats = {"epoch": epoch, "loss": total / max(batches, 1), "val_ndcg@10": ndcg, "seconds": time.monotonic() - t0, "elapsed": elapsed}
+        if train_cfg.lr_schedule != "constant":
+            stats["lr"] = optimizer.param_groups[0]["lr"]
         if on_epoch_end is not None:
             model.eval()
             stats.update(on_epoch_end(epoch, model))

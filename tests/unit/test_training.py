@@ -149,3 +149,26 @@ def test_warm_start_with_new_items(tmp_path):
     # New items are scorable (from text) and finite.
     scores = ModelScorer(warm.model).score(remapped.test_inputs()[:2])
     assert np.isfinite(scores[:, :5]).all()
+
+
+def test_cosine_schedule_by_hand():
+    from stratarec.training import scheduled_lr
+
+    assert scheduled_lr(1e-3, "constant", 500.0, 100.0, 0.9) == 1e-3
+    # Half the time budget gone: cos(pi/2) = 0, so half the peak rate.
+    assert scheduled_lr(1e-3, "cosine", 50.0, 100.0, 0.1) == pytest.approx(5e-4)
+    # The epoch budget is further along (3/4): 0.5 * (1 + cos(3pi/4)) = 0.1464...
+    assert scheduled_lr(1e-3, "cosine", 10.0, 100.0, 0.75) == pytest.approx(1e-3 * 0.5 * (1 - 2**-0.5))
+    assert scheduled_lr(1e-3, "cosine", 200.0, 100.0, 0.0) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr(1e-3, "linear", 0.0, 1.0, 0.0)
+
+
+def test_cosine_run_anneals_to_zero_by_its_last_epoch(tmp_path):
+    split = walk_split(n_users=160)  # 160 windows of batch 64: 3 batches per epoch
+    cfg = FAST.model_copy(update={"epochs": 3, "lr_schedule": "cosine", "max_minutes": 60.0})
+    res = train_sequential(split, ItemIndex(np.arange(1, N_ITEMS + 1)), text_for(), SMALL, cfg, tmp_path / "ck")
+    rates = [h["lr"] for h in res.history]
+    assert rates[0] > rates[1] > rates[2]
+    # The last batch runs at progress (2 + 2/3) / 3, so at 0.5 * (1 + cos(8pi/9)) = 0.030 of the peak.
+    assert rates[2] == pytest.approx(cfg.learning_rate * 0.5 * (1 + np.cos(8 * np.pi / 9)), rel=1e-6)
