@@ -103,6 +103,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         max_len=max_len,
         text_init=text_init,
         id_shrinkage=args.id_shrinkage,
+        id_dropout=args.id_dropout,
         positions=args.positions,
     )
     train_cfg = TrainConfig(
@@ -454,6 +455,7 @@ def main() -> None:
         help="position ids from the first or back from the newest item",
     )
     p.add_argument("--id-shrinkage", type=float, default=5.0, help="text-init models: ID rows weighted by c / (c + this)")
+    p.add_argument("--id-dropout", type=float, default=0.0, help="text-init models: drop ID rows with this probability while training")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 products in the loss where the CPU has them")
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--max-history", type=int, default=200)

@@ -142,6 +142,15 @@ class ModelConfig(_Strict):
         "rare and new items are scored mostly from their text. 0 turns it off.",
     )
 
+    id_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="With text_init, training only: each step drops an item's ID row with this probability (the kept "
+        "rows scaled by 1 / (1 - p)), so the text projection must score items on its own, as it does for items "
+        "that are new or rare at serving time (DropoutNet's idea). 0 turns it off.",
+    )
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:

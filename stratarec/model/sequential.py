@@ -50,6 +50,7 @@ class Architecture:
     attention_dropout: float | None = None  # None: same as dropout (bundles saved before this field)
     id_shrinkage: float = 0.0  # 0: ID rows at full weight (bundles saved before this field)
     positions: str = "from_start"  # bundles saved before this field count positions from the first item
+    id_dropout: float = 0.0  # training only; bundles saved before this field had none
 
     @property
     def attention_dropout_rate(self) -> float:
@@ -72,6 +73,7 @@ class Architecture:
             attention_dropout=cfg.attention_dropout,
             id_shrinkage=cfg.id_shrinkage if cfg.text_init else 0.0,
             positions=cfg.positions,
+            id_dropout=cfg.id_dropout if cfg.text_init else 0.0,
         )
 
 
@@ -165,8 +167,15 @@ class SequentialRecommender(nn.Module):
     def item_matrix(self) -> torch.Tensor:
         """All item rows, shape (n_items + 2, d)."""
         weight = self.id_embedding.weight
-        if self.arch.id_shrinkage > 0:
-            weight = weight * self.id_scale[:, None]
+        scale = self.id_scale if self.arch.id_shrinkage > 0 else None
+        if self.training and self.arch.id_dropout > 0 and self.text_projection is not None:
+            # Rows whose ID part is dropped this pass are scored from text alone, like a new item.
+            p = self.arch.id_dropout
+            keep = (torch.rand(weight.shape[0], device=weight.device) >= p).to(weight.dtype) / (1.0 - p)
+            keep[self.arch.n_items + 1 :] = 1.0  # the mask token has no text to fall back on
+            scale = keep if scale is None else scale * keep
+        if scale is not None:
+            weight = weight * scale[:, None]
         if self.text_projection is not None:
             weight = weight + self.text_projection(self.text_embeddings)
         return weight
