@@ -44,6 +44,17 @@ def test_published_protocol_input_is_everything_before_the_test_item(tmp_path):
     assert np.array_equal(split.val_targets, [full[1][-2]])
 
 
+def test_aligned_training_ends_every_user_two_items_before_the_test_item(tmp_path):
+    full = _layout(tmp_path, lambda full: [full[1][:-2]])
+    split = load_sasrec_split(tmp_path)
+    aligned = split.aligned_train()
+    assert [a.tolist() for a in aligned] == [s[:-2] for s in full]
+    assert split.train[1].tolist() == full[1][:-3]  # the loaded split itself is untouched
+    # No validation or test item enters training.
+    assert full[1][-2] not in aligned[1].tolist()
+    assert all(s[-1] not in a.tolist() for s, a in zip(full, aligned, strict=True))
+
+
 def test_a_validation_sequence_that_is_no_train_line_plus_one_item_is_refused(tmp_path):
     _layout(tmp_path, lambda full: [[9, 9, 9, 9]])
     with pytest.raises(ValueError, match="val/input.txt line 1 is not a train/input.txt line plus one item"):
