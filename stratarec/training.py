@@ -355,7 +355,14 @@ def train_sequential(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     state_path = checkpoint_dir / "state.json"
-    run_key = {"arch": arch.__dict__, "seed": train_cfg.seed, "n_users": len(split.users), "warm": warm}
+    # A checkpoint resumes only the same run: a different schedule would splice two runs' rates together.
+    run_key = {
+        "arch": arch.__dict__,
+        "seed": train_cfg.seed,
+        "n_users": len(split.users),
+        "warm": warm,
+        "lr_schedule": train_cfg.lr_schedule,
+    }
     history: list[dict] = []
     start_epoch, best_ndcg, best_epoch, stale = 0, -1.0, 0, 0
     resumed_from = 0
