@@ -279,7 +279,7 @@ class InferenceScorer:
     here is read-only, so one scorer may serve several threads at once. Training never uses it.
     """
 
-    def __init__(self, model: SequentialRecommender, low_precision: bool = False) -> None:
+    def __init__(self, model: SequentialRecommender, low_precision: bool = False, chunk_rows: int = 64) -> None:
         """Snapshot ``model`` for inference.
 
         Args:
@@ -287,7 +287,11 @@ class InferenceScorer:
             low_precision: Run the transformer in bf16 autocast (CPUs with AVX512-BF16/AMX):
                 ~1.7x faster for large batches, scores within ~0.5% of fp32, so near-ties may
                 swap. For offline batch scoring; serving keeps fp32.
+            chunk_rows: Rows per forward pass when a batch is larger (grouped by history length).
         """
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.chunk_rows = chunk_rows
         self.model = model.eval()
         self.low_precision = low_precision
         arch = model.arch
@@ -402,10 +406,28 @@ class InferenceScorer:
         """(B, d) user states for non-empty histories of item rows (oldest first).
 
         Each history is cut to its last ``history_len`` items, as :class:`~stratarec.training.ModelScorer` does.
+        A batch larger than ``chunk_rows`` runs as chunks of similar length: padding every row to
+        the batch's longest history wastes most of the work when lengths vary (on ML-1M, 256 random
+        users hold 28k real items in a 51k-slot padded batch). The states do not depend on the
+        chunking: under causal attention a row's state never sees its padding.
         """
-        items, lengths = pad_right(histories, self.history_len)
+        lengths = np.array([min(len(h), self.history_len) for h in histories], dtype=np.int64)
         if (lengths < 1).any():
             raise ValueError("InferenceScorer needs non-empty histories")
+        if len(histories) <= self.chunk_rows:
+            return self._padded_states(histories)
+        order = np.argsort(lengths, kind="stable")
+        out: torch.Tensor | None = None
+        for start in range(0, len(order), self.chunk_rows):
+            rows = order[start : start + self.chunk_rows]
+            part = self._padded_states([histories[i] for i in rows])
+            if out is None:
+                out = torch.empty(len(histories), part.shape[1], dtype=part.dtype)
+            out[torch.from_numpy(rows)] = part
+        return out
+
+    def _padded_states(self, histories: list[np.ndarray]) -> torch.Tensor:
+        items, lengths = pad_right(histories, self.history_len)
         if not self.low_precision:
             return self.user_states(items, lengths)
         with torch.autocast("cpu", dtype=torch.bfloat16):

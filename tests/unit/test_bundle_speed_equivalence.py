@@ -293,3 +293,15 @@ def test_low_precision_scorer_stays_close(pair):
     got = InferenceScorer(bundle.model, low_precision=True).score(rows)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max())
+
+
+def test_length_bucketed_chunks_score_like_one_padded_batch(pair):
+    """Large batches run as chunks grouped by history length; the scores must not move."""
+    bundle, ref = pair
+    rows = [ref.rows(h) for h in _histories(1) + _histories(2) + _histories(3)]  # lengths 1..8, mixed order
+    want = ref.scores(rows)
+    for chunk_rows in (1, 2, 5, len(rows)):
+        got = InferenceScorer(bundle.model, chunk_rows=chunk_rows).score(rows)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        InferenceScorer(bundle.model, chunk_rows=0)
