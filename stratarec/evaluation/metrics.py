@@ -80,3 +80,46 @@ def novelty(ranked: np.ndarray, item_popularity: np.ndarray, n_users: int, k: in
     p = np.where(pop > 0, pop / max(n_users, 1), 1.0 / (n_users + 1))
     info = -np.log2(np.clip(p, 1e-12, 1.0))
     return info[np.asarray(ranked)[:, :k]].mean(axis=1)
+
+
+def ratio_estimate(
+    y_sample: np.ndarray,
+    x_sample: np.ndarray,
+    x_population: np.ndarray,
+    rounds: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | tuple[float, float]]:
+    """Ratio estimate of mean(y) over a population where y is known only on a sample.
+
+    For a metric ``y`` measurable on a sample alone and a related metric ``x`` measurable
+    on the sample and the whole population, ``mean(y_sample) / mean(x_sample) * mean(x_population)``
+    corrects for a sample that is easier or harder than the population (the classic survey
+    ratio estimator). The 95% interval bootstraps the sample (y and x paired per unit) and
+    the population independently.
+
+    Args:
+        y_sample: (n,) per-unit values of the metric wanted, on the sample.
+        x_sample: (n,) the auxiliary metric on the same units.
+        x_population: (N,) the auxiliary metric on every unit of the population.
+        rounds: Bootstrap rounds.
+        seed: Seed of the bootstrap.
+
+    Returns:
+        ``ratio`` (mean y / mean x on the sample), ``estimate`` and ``ci95`` (low, high).
+
+    Raises:
+        ValueError: If the sample arrays differ in length, an array is empty, or mean(x_sample) is 0.
+    """
+    y, x, pop = (np.asarray(a, dtype=np.float64) for a in (y_sample, x_sample, x_population))
+    if y.shape != x.shape or not len(y) or not len(pop):
+        raise ValueError(f"y_sample and x_sample must be non-empty and equally long, got {y.shape} and {x.shape}; population {pop.shape}")
+    if x.mean() == 0:
+        raise ValueError("x_sample has mean 0: the ratio is undefined")
+    ratio = y.mean() / x.mean()
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, len(y), size=(rounds, len(y)))
+    j = rng.integers(0, len(pop), size=(rounds, len(pop)))
+    x_boot = x[i].mean(axis=1)
+    boot = np.divide(y[i].mean(axis=1), x_boot, out=np.full(rounds, np.nan), where=x_boot > 0) * pop[j].mean(axis=1)
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    return {"ratio": float(ratio), "estimate": float(ratio * pop.mean()), "ci95": (float(low), float(high))}

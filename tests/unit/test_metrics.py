@@ -11,6 +11,7 @@ from stratarec.evaluation.metrics import (
     mrr_at_k,
     ndcg_at_k,
     novelty,
+    ratio_estimate,
     recall_at_k,
 )
 from stratarec.evaluation.ranking import evaluate_scorer, rank_top_k
@@ -82,3 +83,25 @@ def test_evaluate_scorer_overall_and_slice():
     assert report["overall"]["users"] == 2
     assert report["first"]["users"] == 1
     assert math.isclose(report["overall"]["coverage@2"], 3 / 5)
+
+
+def test_ratio_estimate_by_hand():
+    # Sample: y is twice x on every unit, so the ratio is 2 in every bootstrap round; the
+    # population's x averages 0.2, so the estimate is 0.4.
+    got = ratio_estimate(np.array([0.2, 0.4]), np.array([0.1, 0.2]), np.array([0.1, 0.2, 0.3]))
+    assert got["ratio"] == pytest.approx(2.0)
+    assert got["estimate"] == pytest.approx(0.4)
+    low, high = got["ci95"]
+    assert 0.2 <= low <= 0.4 <= high <= 0.6  # 2 x (bootstrap means of the population, within [0.1, 0.3])
+    # An easier sample (x 0.5 there, 0.25 everywhere) halves the sample's y; a constant
+    # population leaves no spread from that side, and a constant ratio none from the other.
+    flat = ratio_estimate(np.array([0.3, 0.3]), np.array([0.5, 0.5]), np.full(5, 0.25))
+    assert flat["estimate"] == pytest.approx(0.15)
+    assert flat["ci95"] == pytest.approx((0.15, 0.15))
+
+
+def test_ratio_estimate_rejects_bad_input():
+    with pytest.raises(ValueError, match="equally long"):
+        ratio_estimate(np.array([1.0]), np.array([1.0, 0.0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="mean 0"):
+        ratio_estimate(np.array([1.0]), np.array([0.0]), np.array([1.0]))
