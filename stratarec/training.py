@@ -76,26 +76,36 @@ class ModelScorer:
         # Bidirectional models append a mask token, so they see one fewer history item.
         self.history_len = model.arch.max_len - (1 if model.arch.kind == "bidirectional" else 0)
 
+    def _batches(self, histories: list[np.ndarray]):
+        """(rows, items, lengths) batches of histories of similar length.
+
+        Padding every row of a batch to its longest history wastes most of the work when
+        lengths vary, so rows are sorted by length first; callers put results back by ``rows``.
+        """
+        lengths = np.array([min(len(h), self.history_len) for h in histories], dtype=np.int64)
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            items, lens = pad_right([histories[i] for i in rows], self.history_len)
+            yield rows, torch.from_numpy(items).to(self.device), torch.from_numpy(lens).to(self.device)
+
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
         """(B, d) interest vectors; empty histories get the zero vector."""
-        out = []
-        for start in range(0, len(histories), self.batch_size):
-            items, lengths = pad_right(histories[start : start + self.batch_size], self.history_len)
-            states = self.model.user_states(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device))
-            states = torch.where(torch.from_numpy(lengths > 0).to(self.device)[:, None], states, torch.zeros_like(states))
-            out.append(states.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.arch.hidden_size), np.float32)
+        out = np.zeros((len(histories), self.model.arch.hidden_size), np.float32)
+        for rows, items, lengths in self._batches(histories):
+            states = self.model.user_states(items, lengths)
+            states = torch.where((lengths > 0)[:, None], states, torch.zeros_like(states))
+            out[rows] = states.float().cpu().numpy()
+        return out
 
     @torch.inference_mode()
     def score(self, histories: list[np.ndarray]) -> np.ndarray:
         """(B, n_items) scores for a batch of histories."""
-        out = []
-        for start in range(0, len(histories), self.batch_size):
-            items, lengths = pad_right(histories[start : start + self.batch_size], self.history_len)
-            states = self.model.user_states(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device))
-            out.append(self.model.logits(states).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.arch.n_items), np.float32)
+        out = np.zeros((len(histories), self.model.arch.n_items), np.float32)
+        for rows, items, lengths in self._batches(histories):
+            out[rows] = self.model.logits(self.model.user_states(items, lengths)).float().cpu().numpy()
+        return out
 
 
 @dataclass

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from stratarec.baselines import MostPopular
 from stratarec.config import ModelConfig, TrainConfig
@@ -172,3 +173,23 @@ def test_cosine_run_anneals_to_zero_by_its_last_epoch(tmp_path):
     assert rates[0] > rates[1] > rates[2]
     # The last batch runs at progress (2 + 2/3) / 3, so at 0.5 * (1 + cos(8pi/9)) = 0.030 of the peak.
     assert rates[2] == pytest.approx(cfg.learning_rate * 0.5 * (1 + np.cos(8 * np.pi / 9)), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_model_scorer_batches_by_length_without_changing_scores(kind):
+    """Rows are grouped by history length internally; every row must score as it does alone."""
+    from stratarec.model.sequential import Architecture, SequentialRecommender
+
+    torch.manual_seed(0)
+    arch = Architecture(
+        n_items=N_ITEMS, text_dim=8, kind=kind, hidden_size=16, num_layers=2, num_heads=2, dropout=0.1, max_len=8, text_init=False
+    )
+    model = SequentialRecommender(arch).eval()
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, N_ITEMS + 1, size=n) for n in (5, 1, 12, 3, 0, 7, 2)]  # 12 > max_len: cut; 0: empty
+    scorer = ModelScorer(model, batch_size=2)
+    alone = np.stack([ModelScorer(model).score([h])[0] for h in histories])
+    np.testing.assert_allclose(scorer.score(histories), alone, rtol=0, atol=1e-5)
+    vectors = scorer.user_vectors(histories)
+    np.testing.assert_allclose(vectors, np.concatenate([ModelScorer(model).user_vectors([h]) for h in histories]), rtol=0, atol=1e-5)
+    assert not vectors[4].any()  # the empty history's vector is zero
