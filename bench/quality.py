@@ -546,6 +546,14 @@ def main() -> None:
     print("latency:", json.dumps(report["latency"]))
     if "warm_start" in report:
         print("warm start:", json.dumps(report["warm_start"]))
+    if "full_population_estimate" in report:
+        est = report["full_population_estimate"]
+        rows = []
+        for metric in ("ndcg@10", "hr@10"):
+            low, high = est[metric]["estimate_all_ci95"]
+            rows.append({"metric": metric, **est[metric], "ci95": f"{low:.4f}-{high:.4f}"})
+        print("published protocol, estimated over all users (ratio estimator):")
+        print(text_table(rows, ["metric", "published_512", "skip_one_512", "skip_one_all", "ratio", "estimate_all", "ci95"]))
     if report.get("curve"):
         print(text_table(report["curve"], ["epoch", "minutes", "ndcg@10", "hr@10", "train_input_ndcg@10", "train_input_hr@10"]))
     out = Path(args.out or f"bench/results/quality-{args.dataset}.json")
