@@ -7,6 +7,7 @@ everything earlier is training history. Users with fewer than three events only 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,6 +155,23 @@ def pad_right(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndar
         if lengths[i]:
             out[i, : lengths[i]] = s[-lengths[i] :]
     return out, lengths
+
+
+def length_grouped_batches(seqs: list[np.ndarray], max_len: int, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Right-padded batches of sequences of similar length, for scoring.
+
+    Padding every row of a batch to its longest sequence wastes most of the work when lengths
+    vary, so rows are sorted by (cut) length first; callers put results back by ``rows``.
+
+    Yields:
+        ``(rows, items, lengths)``: the batch's indices into ``seqs``, then :func:`pad_right` of them.
+    """
+    lengths = np.array([min(len(s), max_len) for s in seqs], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_rows):
+        rows = order[start : start + batch_rows]
+        items, lens = pad_right([seqs[i] for i in rows], max_len)
+        yield rows, items, lens
 
 
 TRAIN_ITEMS = "train_items"

@@ -31,7 +31,7 @@ from stratarec.evaluation.metrics import ndcg_at_k
 from stratarec.evaluation.ranking import rank_top_k
 from stratarec.model.losses import cpu_has_bf16, linear_cross_entropy
 from stratarec.model.sequential import Architecture, SequentialRecommender, load_model, save_model
-from stratarec.sequences import ItemIndex, SequenceSplit, pad_right
+from stratarec.sequences import ItemIndex, SequenceSplit, length_grouped_batches, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,9 @@ class ModelScorer:
         self.history_len = model.arch.max_len - (1 if model.arch.kind == "bidirectional" else 0)
 
     def _batches(self, histories: list[np.ndarray]):
-        """(rows, items, lengths) batches of histories of similar length.
-
-        Padding every row of a batch to its longest history wastes most of the work when
-        lengths vary, so rows are sorted by length first; callers put results back by ``rows``.
-        """
-        lengths = np.array([min(len(h), self.history_len) for h in histories], dtype=np.int64)
-        order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            items, lens = pad_right([histories[i] for i in rows], self.history_len)
-            yield rows, torch.from_numpy(items).to(self.device), torch.from_numpy(lens).to(self.device)
+        """(rows, items, lengths) tensors of histories grouped by length (see :func:`length_grouped_batches`)."""
+        for rows, items, lengths in length_grouped_batches(histories, self.history_len, self.batch_size):
+            yield rows, torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device)
 
     @torch.inference_mode()
     def user_vectors(self, histories: list[np.ndarray]) -> np.ndarray:

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from stratarec.config import ModelConfig
-from stratarec.sequences import pad_right
+from stratarec.sequences import length_grouped_batches, pad_right
 
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
@@ -411,23 +411,19 @@ class InferenceScorer:
         users hold 28k real items in a 51k-slot padded batch). The states do not depend on the
         chunking: under causal attention a row's state never sees its padding.
         """
-        lengths = np.array([min(len(h), self.history_len) for h in histories], dtype=np.int64)
-        if (lengths < 1).any():
+        if any(len(h) == 0 for h in histories):
             raise ValueError("InferenceScorer needs non-empty histories")
         if len(histories) <= self.chunk_rows:
-            return self._padded_states(histories)
-        order = np.argsort(lengths, kind="stable")
+            return self._states_of(*pad_right(histories, self.history_len))
         out: torch.Tensor | None = None
-        for start in range(0, len(order), self.chunk_rows):
-            rows = order[start : start + self.chunk_rows]
-            part = self._padded_states([histories[i] for i in rows])
+        for rows, items, lens in length_grouped_batches(histories, self.history_len, self.chunk_rows):
+            part = self._states_of(items, lens)
             if out is None:
                 out = torch.empty(len(histories), part.shape[1], dtype=part.dtype)
             out[torch.from_numpy(rows)] = part
         return out
 
-    def _padded_states(self, histories: list[np.ndarray]) -> torch.Tensor:
-        items, lengths = pad_right(histories, self.history_len)
+    def _states_of(self, items: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         if not self.low_precision:
             return self.user_states(items, lengths)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -6,7 +6,15 @@ import pytest
 
 from stratarec.baselines import EASE, ItemKNN, MostPopular, build_baselines, tune_ease
 from stratarec.evaluation.ranking import evaluate_scorer
-from stratarec.sequences import ItemIndex, leave_last_out_cutoffs, pad_right, split_from_events, split_from_frame, split_to_frame
+from stratarec.sequences import (
+    ItemIndex,
+    leave_last_out_cutoffs,
+    length_grouped_batches,
+    pad_right,
+    split_from_events,
+    split_from_frame,
+    split_to_frame,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -102,3 +110,15 @@ def test_item_index_lookup_is_safe_from_many_threads():
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda _, index=index: index.to_index(query).tolist(), range(32)))
         assert all(r == expected for r in results)
+
+
+def test_length_grouped_batches_by_hand():
+    seqs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9]), np.array([10, 11])]
+    batches = list(length_grouped_batches(seqs, max_len=4, batch_rows=2))
+    # Cut lengths 3, 1, 4, 2 -> order 1, 3, 0, 2; each batch is only as wide as its longest row.
+    assert [b[0].tolist() for b in batches] == [[1, 3], [0, 2]]
+    np.testing.assert_array_equal(batches[0][1], [[4, 0], [10, 11]])
+    np.testing.assert_array_equal(batches[0][2], [1, 2])
+    np.testing.assert_array_equal(batches[1][1], [[1, 2, 3, 0], [6, 7, 8, 9]])  # 5 items cut to the last 4
+    np.testing.assert_array_equal(batches[1][2], [3, 4])
+    assert list(length_grouped_batches([], max_len=4, batch_rows=2)) == []
