@@ -160,8 +160,9 @@ def restore_published_test(
 
     * users whose sequence length no other user shares are paired by length alone;
     * in a paired user's time-ordered raw sequence, position ``p`` of the training part is the
-      item at position ``p`` of ``train/input.txt`` unless equal timestamps swapped them, so
-      the majority raw item per SASRec item is its identity;
+      item at position ``p`` of ``train/input.txt`` unless equal timestamps swapped them, and
+      the last position is the test item (for validation users the two before it are the
+      validation items), so the majority raw item per SASRec item is its identity;
     * every other user is paired with the one raw user of the same length whose items contain
       all of its mapped items, and pairing repeats until no user is left.
 
