@@ -303,11 +303,20 @@ def _pick_protocols(by_protocol: dict, keys: tuple[str, ...] = ("ndcg@10", "hr@1
     return out
 
 
-def target_ranks(scorer, histories: list[np.ndarray], seen: list[np.ndarray], targets: np.ndarray, users: np.ndarray) -> np.ndarray:
+def target_ranks(
+    scorer,
+    histories: list[np.ndarray],
+    seen: list[np.ndarray],
+    targets: np.ndarray,
+    users: np.ndarray,
+    pool: np.ndarray | None = None,
+) -> np.ndarray:
     """1-based full-ranking rank of each chosen user's target (seen items excluded, ties counted against it).
 
     Recall@10 on a few dozen cold-item test events is mostly zeros; the rank shows whether
-    text moves rare items up even when not into the top 10.
+    text moves rare items up even when not into the top 10. With ``pool`` (a boolean per
+    item row 1..n) the rank is among the pool's items only: how well a model tells rare
+    items apart from each other, whatever it thinks of rare items as a whole.
     """
     chosen = np.flatnonzero(users)
     if not len(chosen):
@@ -318,8 +327,46 @@ def target_ranks(scorer, histories: list[np.ndarray], seen: list[np.ndarray], ta
         row = np.asarray(row, dtype=np.float64).copy()
         drop = np.asarray(seen[i], dtype=np.int64)
         row[drop[(drop > 0) & (drop != targets[i])] - 1] = -np.inf
+        if pool is not None:
+            row[~np.asarray(pool, dtype=bool)] = -np.inf
         ranks.append(int((row >= row[targets[i] - 1]).sum()))
     return np.asarray(ranks, dtype=np.int64)
+
+
+def cold_item_detail(scorer, inputs, seen, targets: np.ndarray, counts: np.ndarray, cold: np.ndarray, max_count: int = 5) -> dict:
+    """Every cold-item test event of one model: its rank overall and among rare items, and the target's training count.
+
+    Args:
+        scorer: The model's scorer.
+        inputs: Test inputs per user.
+        seen: Items to exclude per user.
+        targets: (U,) test item rows (1-based, 0 = none).
+        counts: (n_items + 1,) training events per item row.
+        cold: (U,) the users whose target has at most ``max_count`` training events.
+        max_count: The rare pool: items with at most this many training events.
+    """
+    pool = counts[1:] <= max_count
+    rank = target_ranks(scorer, inputs, seen, targets, cold)
+    pool_rank = target_ranks(scorer, inputs, seen, targets, cold, pool=pool)
+    c = counts[targets[cold]]
+    never = c == 0
+
+    def median(values: np.ndarray) -> float | None:
+        return float(np.median(values)) if len(values) else None
+
+    return {
+        "rank": rank.tolist(),
+        "rare_pool_rank": pool_rank.tolist(),
+        "train_count": c.tolist(),
+        "hits@10": int((rank <= 10).sum()),
+        "never_trained_users": int(never.sum()),
+        "never_trained_median_rank": median(rank[never]),
+        "rare_1_5_hits@10": int((rank[~never] <= 10).sum()),
+        "rare_1_5_median_rank": median(rank[~never]),
+        "rare_pool_size": int(pool.sum()),
+        "rare_pool_median_rank": median(pool_rank),
+        "rare_pool_top10": int((pool_rank <= 10).sum()),
+    }
 
 
 def _pick(m: dict) -> dict:
@@ -346,7 +393,15 @@ def _cap(split: SequenceSplit, max_history: int) -> SequenceSplit:
 
 
 def run_ml100k(args: argparse.Namespace) -> dict:
-    """Pipeline split on ML-100K: text-init ablation, cold items, baselines, warm start."""
+    """Pipeline split on ML-100K: text-init ablation, cold items, baselines, warm start.
+
+    The text-init and ID-only models are trained once per seed in ``args.seeds``: a cold-item
+    slice of a few dozen events is too small to read from one run, so the cold-item
+    comparison pools the seeds and tests the difference (exact McNemar on paired hits). The
+    main table, latency and warm start use the first seed.
+    """
+    from stratarec.evaluation.metrics import paired_exact_test
+
     ordered, items, index, text, cap = _ml100k_split(Path(args.data_dir), args.max_history)
     n = len(index)
     split = _cap(split_from_events(ordered, index), cap)
@@ -368,37 +423,74 @@ def run_ml100k(args: argparse.Namespace) -> dict:
                 "train_s": round(time.perf_counter() - start, 1),
             }
         )
+    seeds = args.seeds or [args.seed]
     model_cfg, train_cfg = _configs(args, max_len=args.max_len, text_init=True)
     trained = {}
-    for name, use_text in (("stratarec-text-init", True), ("stratarec-id-only", False)):
-        cfg = model_cfg.model_copy(update={"text_init": use_text})
-        res = train_sequential(
-            split, index, text if use_text else None, cfg, train_cfg, Path(args.checkpoint_dir) / name, progress=lambda s: log.info("%s", s)
-        )
-        rep = evaluate_scorer(ModelScorer(res.model), inputs, seen, split.test_targets, K, n, slices=slices)
-        ranks = target_ranks(ModelScorer(res.model), inputs, seen, split.test_targets, cold_items)
-        trained[name] = res
-        results.insert(
-            0 if use_text else 1,
-            {
-                "model": name,
-                **_pick(rep["overall"]),
-                "cold_item_recall@10": rep["cold_items"].get("recall@10"),
-                "cold_item_median_rank": float(np.median(ranks)) if len(ranks) else None,
-                "cold_item_recall@100": float((ranks <= 100).mean()) if len(ranks) else None,
-                "train_s": round(res.seconds, 1),
-                "epochs": res.epochs_run,
-                "best_epoch": res.best_epoch,
-            },
-        )
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = train_cfg.model_copy(update={"seed": seed})
+        row = {"seed": seed}
+        for name, use_text in (("stratarec-text-init", True), ("stratarec-id-only", False)):
+            cfg = model_cfg.model_copy(update={"text_init": use_text})
+            ckpt = Path(args.checkpoint_dir) / (name if seed == seeds[0] else f"{name}-seed{seed}")
+            res = train_sequential(split, index, text if use_text else None, cfg, seed_cfg, ckpt, progress=lambda s: log.info("%s", s))
+            scorer = ModelScorer(res.model)
+            rep = evaluate_scorer(scorer, inputs, seen, split.test_targets, K, n, slices=slices)
+            detail = cold_item_detail(scorer, inputs, seen, split.test_targets, counts, cold_items)
+            row[name] = {"ndcg@10": rep["overall"]["ndcg@10"], "train_s": round(res.seconds, 1), **detail}
+            if seed != seeds[0]:
+                continue
+            trained[name] = res
+            ranks = np.asarray(detail["rank"])
+            results.insert(
+                0 if use_text else 1,
+                {
+                    "model": name,
+                    **_pick(rep["overall"]),
+                    "cold_item_recall@10": rep["cold_items"].get("recall@10"),
+                    "cold_item_median_rank": float(np.median(ranks)) if len(ranks) else None,
+                    "cold_item_recall@100": float((ranks <= 100).mean()) if len(ranks) else None,
+                    "train_s": round(res.seconds, 1),
+                    "epochs": res.epochs_run,
+                    "best_epoch": res.best_epoch,
+                },
+            )
+        per_seed.append(row)
+    text_hits = np.concatenate([np.asarray(r["stratarec-text-init"]["rank"]) <= K for r in per_seed])
+    id_hits = np.concatenate([np.asarray(r["stratarec-id-only"]["rank"]) <= K for r in per_seed])
     out = {
         "dataset": "ml-100k",
         "results": results,
         "cold_item_test_users": int(cold_items.sum()),
+        "cold_items_by_seed": per_seed,
+        # A = text-init, B = ID-only, over every seed's cold-item events.
+        "cold_items_pooled_test": paired_exact_test(text_hits, id_hits),
         "latency": inference_latency(ModelScorer(trained["stratarec-text-init"].model), inputs),
     }
     out["warm_start"] = warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args)
     return out
+
+
+def cold_item_table(report: dict) -> list[dict]:
+    """One row per seed and model of the cold-item detail, for printing."""
+    rows = []
+    for r in report["cold_items_by_seed"]:
+        for name in ("stratarec-text-init", "stratarec-id-only"):
+            d = r[name]
+            rows.append(
+                {
+                    "seed": r["seed"],
+                    "model": name,
+                    "ndcg@10": d["ndcg@10"],
+                    "cold_hits@10": d["hits@10"],
+                    "never_trained_median_rank": d["never_trained_median_rank"],
+                    "rare_1_5_hits@10": d["rare_1_5_hits@10"],
+                    "rare_1_5_median_rank": d["rare_1_5_median_rank"],
+                    "rare_pool_median_rank": d["rare_pool_median_rank"],
+                    "rare_pool_top10": d["rare_pool_top10"],
+                }
+            )
+    return rows
 
 
 def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> dict:
@@ -560,6 +652,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="cosine: anneal to 0 over the budget")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        default=None,
+        help="ML-100K: train the text-init/ID-only pair once per seed (comma-separated) and pool the cold-item comparison",
+    )
     p.add_argument("--warm-epochs", type=int, default=10)
     p.add_argument("--warm-lr-factor", type=float, default=1.0)
     p.add_argument("--curve-every", type=int, default=2)
@@ -591,6 +689,11 @@ def main() -> None:
     cols += ["val_ndcg@10", "cold_item_recall@10", "cold_item_recall@100", "cold_item_median_rank", "train_s", "epochs"]
     print(text_table(report["results"], [c for c in cols if any(c in r for r in report["results"])]))
     print("latency:", json.dumps(report["latency"]))
+    if "cold_items_by_seed" in report:
+        rows = cold_item_table(report)
+        print(f"cold-item test events ({report['cold_item_test_users']} users, target with <= 5 training events), per seed:")
+        print(text_table(rows, list(rows[0])))
+        print("pooled over seeds, text-init (A) vs ID-only (B), exact McNemar:", json.dumps(report["cold_items_pooled_test"]))
     if "warm_start" in report:
         print("warm start:", json.dumps(report["warm_start"]))
     if "full_population_estimate" in report:

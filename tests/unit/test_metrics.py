@@ -11,6 +11,7 @@ from stratarec.evaluation.metrics import (
     mrr_at_k,
     ndcg_at_k,
     novelty,
+    paired_exact_test,
     ratio_estimate,
     recall_at_k,
 )
@@ -105,3 +106,24 @@ def test_ratio_estimate_rejects_bad_input():
         ratio_estimate(np.array([1.0]), np.array([1.0, 0.0]), np.array([1.0]))
     with pytest.raises(ValueError, match="mean 0"):
         ratio_estimate(np.array([1.0]), np.array([0.0]), np.array([1.0]))
+
+
+def test_paired_exact_test_by_hand():
+    # Events 0-4: B hits and A misses (5 discordant, all one way); event 5: both hit.
+    a = np.array([0, 0, 0, 0, 0, 1, 0], dtype=bool)
+    b = np.array([1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    got = paired_exact_test(a, b)
+    assert (got["a_only"], got["b_only"], got["hits_a"], got["hits_b"], got["n"]) == (0, 5, 1, 6, 7)
+    assert got["p_value"] == pytest.approx(2 * 0.5**5)  # P(0 of 5 fair coins go A's way), both sides
+    # One discordant event each way: no evidence at all.
+    assert paired_exact_test(np.array([1, 0, 0]), np.array([0, 1, 0]))["p_value"] == 1.0
+    # 1 against 3: P(X <= 1 | 4, 1/2) = 5/16, doubled.
+    got = paired_exact_test(np.array([1, 0, 0, 0, 1]), np.array([0, 1, 1, 1, 1]))
+    assert got["p_value"] == pytest.approx(10 / 16)
+    # No discordant events (identical hits): p = 1.
+    assert paired_exact_test(np.ones(3), np.ones(3))["p_value"] == 1.0
+
+
+def test_paired_exact_test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="equally long"):
+        paired_exact_test(np.zeros(3), np.zeros(4))
