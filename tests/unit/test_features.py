@@ -13,6 +13,7 @@ from stratarec.features import (
     empty_user_layers,
     genre_vocabulary,
     order_events,
+    tie_order_key,
 )
 from stratarec.text_encoder import EMBEDDING_DIM, embed_texts, item_text
 
@@ -50,16 +51,53 @@ def _items():
 # ---- order_events ---------------------------------------------------------------------
 
 
-def test_order_events_breaks_ties_by_item_id_and_one_microsecond_per_tie():
+def _splitmix_reference(user: int, item: int) -> int:
+    """tie_order_key in plain Python integers, written independently of numpy."""
+    mask = (1 << 64) - 1
+    x = ((user * 0x9E3779B97F4A7C15) & mask) ^ item
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_tie_order_key_matches_a_plain_python_splitmix64():
+    users = np.array([0, 0, 1, 7, 943, 2**40])
+    items = np.array([0, 1, 10, 20, 1682, 5])
+    got = tie_order_key(users, items)
+    assert got.dtype == np.uint64
+    assert [int(v) for v in got] == [_splitmix_reference(int(u), int(i)) for u, i in zip(users, items, strict=True)]
+    assert int(got[0]) == 0  # the finaliser maps 0 to 0
+
+
+def test_tie_order_key_says_nothing_of_item_ids():
+    # One user's 1,000 simultaneous items: ordered by the key, consecutive items are as
+    # often a larger id as a smaller one (item-id order would make it always larger).
+    items = np.arange(1, 1001)
+    ordered = items[np.argsort(tie_order_key(np.full(1000, 5), items))]
+    share_up = float((np.diff(ordered) > 0).mean())
+    assert 0.45 < share_up < 0.55
+    # Another user gets another order of the same items.
+    other = items[np.argsort(tie_order_key(np.full(1000, 6), items))]
+    assert not np.array_equal(ordered, other)
+
+
+def test_order_events_breaks_ties_by_the_hashed_order_and_one_microsecond_per_tie():
     ev = _events([(1, 30, 100), (2, 5, 100), (1, 10, 100), (1, 20, 100), (1, 5, 101), (2, 6, 100)])
     out = order_events(ev)
     assert out.user_id.tolist() == [1, 1, 1, 1, 2, 2]
-    assert out.item_id.tolist() == [10, 20, 30, 5, 5, 6]
+    # Inside each (user, second) tie, the order is the one tie_order_key gives, worked out here
+    # with the plain-Python reference.
+    tie_1 = sorted([10, 20, 30], key=lambda i: _splitmix_reference(1, i))
+    tie_2 = sorted([5, 6], key=lambda i: _splitmix_reference(2, i))
+    assert out.item_id.tolist() == [*tie_1, 5, *tie_2]
     t100 = T0 + pd.Timedelta(seconds=100)
     expected = [t100, t100 + US, t100 + 2 * US, T0 + pd.Timedelta(seconds=101), t100, t100 + US]
     assert out.event_timestamp.tolist() == expected
     assert out.event_timestamp.dtype == ev.event_timestamp.dtype
     assert out.index.tolist() == list(range(6))
+    # The input's row order does not matter.
+    again = order_events(ev.iloc[::-1].reset_index(drop=True))
+    pd.testing.assert_frame_equal(again, out)
 
 
 def test_order_events_cascades_when_a_tie_runs_into_the_next_timestamp():
