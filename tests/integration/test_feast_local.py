@@ -36,7 +36,7 @@ def _tables():
             "release_year": pd.array([1990, 1991, 1992, None, 1994], dtype="Int64"),
         }
     )
-    # User 1: items 1, 2, 3 (2 and 3 in the same second), then 4 an hour later. User 2: item 5.
+    # User 1: item 1, then 2 and 3 in the same second, then 4 an hour later. User 2: item 5.
     rows = [(1, 1, 0), (1, 3, 60), (1, 2, 60), (1, 4, 3660), (2, 5, 30)]
     events = pd.DataFrame(
         {
@@ -81,7 +81,7 @@ def test_publish_summary_and_repo_files(published):
 def test_online_read_returns_the_latest_snapshot(published):
     *_, store = published
     got = online_user_features(store, [1, 2, 99])
-    assert got[1]["recent_items"] == [2, 3, 4]  # last 3 of 1, 2, 3, 4 (2 before 3: item_id breaks the tie)
+    assert got[1]["recent_items"] == [3, 2, 4]  # last 3 of 1, 3, 2, 4 (3 before 2: the hashed tie order)
     assert got[1]["event_count"] == 4
     assert got[2]["recent_items"] == [5] and got[2]["event_count"] == 1
     assert got[99]["recent_items"] is None
@@ -90,11 +90,13 @@ def test_online_read_returns_the_latest_snapshot(published):
 
 def test_historical_features_are_point_in_time(published):
     *_, ordered, _, _, store = published
-    u1 = ordered[ordered.user_id == 1].event_timestamp.tolist()  # items 1, 2, 3, 4
+    # Items 2 and 3 share a second; tie_order_key puts 3 first for user 1.
+    assert ordered[ordered.user_id == 1].item_id.tolist() == [1, 3, 2, 4]
+    u1 = ordered[ordered.user_id == 1].event_timestamp.tolist()
     cutoffs = [
         (1, u1[0] - US),  # before anything: no snapshot
-        (1, u1[2] - US),  # between the tied events 2 and 3: the snapshot after item 2
-        (1, u1[2]),  # exactly at event 3: its own snapshot
+        (1, u1[2] - US),  # between the tied events 3 and 2: the snapshot after item 3
+        (1, u1[2]),  # exactly at event 2 (the third): its own snapshot
         (1, u1[3] - pd.Timedelta(minutes=1)),  # inside the hour gap
         (2, T0 + pd.Timedelta(days=9)),
         (1, u1[2]),  # a repeated (user, cut-off) pair gets its own row too
@@ -104,7 +106,7 @@ def test_historical_features_are_point_in_time(published):
     assert frame.tag.tolist() == list("abcdef")  # caller's rows and order are kept
     assert frame.event_count.isna().tolist() == [True, False, False, False, False, False]
     assert frame.event_count.tolist()[1:] == [2, 3, 3, 1, 3]
-    assert [list(s) for s in frame.recent_items.tolist()[1:]] == [[1, 2], [1, 2, 3], [1, 2, 3], [5], [1, 2, 3]]
+    assert [list(s) for s in frame.recent_items.tolist()[1:]] == [[1, 3], [1, 3, 2], [1, 3, 2], [5], [1, 3, 2]]
 
 
 def test_item_features_offline_and_online(published):
@@ -144,7 +146,7 @@ def test_user_layers_are_appended_and_served(tmp_path):
     assert (first["total_rows"], second["total_rows"], second["rows"]) == (2, 4, 2)
     online = online_user_features(store, [1, 2])
     assert (online[1]["layer_coarse"], online[1]["layer_fine"], online[1]["layer_name"]) == (2, 6, "drama")
-    assert online[1]["recent_items"] == [2, 3, 4]  # publishing layers leaves activity alone
+    assert online[1]["recent_items"] == [3, 2, 4]  # publishing layers leaves activity alone
     # History is kept: a cut-off between the releases sees the first layering.
     between = pd.DataFrame({"user_id": [1, 1], "event_timestamp": [release_1 + pd.Timedelta(hours=1), release_2]})
     assert training_frame(store, between).layer_name.tolist() == ["action", "drama"]
@@ -152,7 +154,7 @@ def test_user_layers_are_appended_and_served(tmp_path):
     # still there and the layer is missing, rather than Feast dropping the rows.
     before = pd.DataFrame({"user_id": [1, 2], "event_timestamp": [T0 + pd.Timedelta(hours=2), T0 + pd.Timedelta(hours=2)]})
     frame = training_frame(store, before)
-    assert frame.event_count.tolist() == [4, 1] and [list(s) for s in frame.recent_items] == [[2, 3, 4], [5]]
+    assert frame.event_count.tolist() == [4, 1] and [list(s) for s in frame.recent_items] == [[3, 2, 4], [5]]
     assert frame.layer_name.isna().all()
 
 
