@@ -304,12 +304,7 @@ def _pick_protocols(by_protocol: dict, keys: tuple[str, ...] = ("ndcg@10", "hr@1
 
 
 def target_ranks(
-    scorer,
-    histories: list[np.ndarray],
-    seen: list[np.ndarray],
-    targets: np.ndarray,
-    users: np.ndarray,
-    pool: np.ndarray | None = None,
+    scores: np.ndarray, chosen: np.ndarray, seen: list[np.ndarray], targets: np.ndarray, pool: np.ndarray | None
 ) -> np.ndarray:
     """1-based full-ranking rank of each chosen user's target (seen items excluded, ties counted against it).
 
@@ -317,11 +312,14 @@ def target_ranks(
     text moves rare items up even when not into the top 10. With ``pool`` (a boolean per
     item row 1..n) the rank is among the pool's items only: how well a model tells rare
     items apart from each other, whatever it thinks of rare items as a whole.
+
+    Args:
+        scores: (len(chosen), n_items) scores of the chosen users, in that order.
+        chosen: Row numbers of the chosen users.
+        seen: Items to exclude per user (all users).
+        targets: (U,) target item rows per user (1-based).
+        pool: Optional (n_items,) booleans: rank among these items only.
     """
-    chosen = np.flatnonzero(users)
-    if not len(chosen):
-        return np.zeros(0, dtype=np.int64)
-    scores = scorer.score([histories[i] for i in chosen])
     ranks = []
     for row, i in zip(scores, chosen, strict=True):
         row = np.asarray(row, dtype=np.float64).copy()
@@ -346,8 +344,10 @@ def cold_item_detail(scorer, inputs, seen, targets: np.ndarray, counts: np.ndarr
         max_count: The rare pool: items with at most this many training events.
     """
     pool = counts[1:] <= max_count
-    rank = target_ranks(scorer, inputs, seen, targets, cold)
-    pool_rank = target_ranks(scorer, inputs, seen, targets, cold, pool=pool)
+    chosen = np.flatnonzero(cold)
+    scores = scorer.score([inputs[i] for i in chosen]) if len(chosen) else np.zeros((0, len(pool)))
+    rank = target_ranks(scores, chosen, seen, targets, None)
+    pool_rank = target_ranks(scores, chosen, seen, targets, pool)
     c = counts[targets[cold]]
     never = c == 0
 
