@@ -45,6 +45,40 @@ class MostPopular:
         return np.broadcast_to(self.popularity, (len(histories), len(self.popularity))).copy()
 
 
+class TextSimilarity:
+    """Rank by text similarity to the user's recent items: a content-only reference, no training.
+
+    Each item's score is the cosine between its text vector and the mean unit text vector
+    of the user's last ``window`` items. It knows nothing of popularity, so it shows how far
+    item text alone can find rare and new items, and what that costs overall.
+    """
+
+    name = "text_similarity"
+
+    def __init__(self, text_vectors: np.ndarray, window: int = 10) -> None:
+        """Keep unit text vectors.
+
+        Args:
+            text_vectors: (n_items, d) text vector per item row 1..n_items.
+            window: Recent items that make the user's profile.
+        """
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        v = np.asarray(text_vectors, dtype=np.float32)
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        self.unit = v / np.where(norms > 0, norms, 1.0)
+        self.window = window
+
+    def score(self, histories: list[np.ndarray]) -> np.ndarray:  # noqa: D102
+        out = np.zeros((len(histories), len(self.unit)), np.float32)
+        for i, h in enumerate(histories):
+            h = np.asarray(h, dtype=np.int64)
+            h = h[h > 0][-self.window :]
+            if len(h):
+                out[i] = self.unit @ self.unit[h - 1].mean(axis=0)
+        return out
+
+
 class ItemKNN:
     """Item-based collaborative filtering: cosine item-item similarity, top-``neighbours`` kept."""
 

@@ -142,6 +142,56 @@ def split_from_events(ordered_events: pd.DataFrame, index: ItemIndex) -> Sequenc
     return SequenceSplit(users=users, train=train, val_targets=val, test_targets=test, window=window)
 
 
+@dataclass
+class NextEventCases:
+    """Every event after a cut-off, each with the history that preceded it.
+
+    The rolling counterpart of the leave-last-out split: a model trained on the events up
+    to the cut-off predicts each later event from everything the user did before it
+    (including earlier events after the cut-off, which the model has not trained on). It
+    gives hundreds of test events for slices that leave-last-out leaves with a handful.
+    """
+
+    users: np.ndarray  # (N,) user id of each case
+    histories: list[np.ndarray]  # item rows before the event, oldest first
+    targets: np.ndarray  # (N,) item row of the event
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def next_event_cases(ordered_events: pd.DataFrame, index: ItemIndex, after: pd.Timestamp, max_history: int) -> NextEventCases:
+    """One case per known-item event later than ``after`` whose user has an earlier known item.
+
+    Args:
+        ordered_events: Events grouped by user in time order (``order_events``).
+        index: The model's item rows; events of unknown items are dropped.
+        after: Events with a timestamp strictly later than this are targets.
+        max_history: Histories keep their last ``max_history`` items, as the feature store does.
+    """
+    if max_history < 1:
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
+    ev = ordered_events[[USER_ID, ITEM_ID, EVENT_TIMESTAMP]]
+    user_col = ev[USER_ID].to_numpy()
+    if len(user_col) and int((np.diff(user_col) != 0).sum()) != len(np.unique(user_col)) - 1:
+        raise ValueError("events must be grouped by user and time-ordered (call order_events first)")
+    rows = index.to_index(ev[ITEM_ID].to_numpy())
+    late = (ev[EVENT_TIMESTAMP] > after).to_numpy()
+    known = rows > 0
+    rows, late, user_col = rows[known], late[known], user_col[known]
+    bounds = np.flatnonzero(np.r_[True, user_col[1:] != user_col[:-1], True]) if len(rows) else np.zeros(1, np.int64)
+    users, histories, targets = [], [], []
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        seq = rows[s:e]
+        for j in np.flatnonzero(late[s:e]):
+            if j == 0:
+                continue  # nothing to predict it from
+            users.append(user_col[s])
+            histories.append(seq[max(0, j - max_history) : j])
+            targets.append(seq[j])
+    return NextEventCases(users=np.asarray(users, np.int64), histories=histories, targets=np.asarray(targets, np.int64))
+
+
 def pad_right(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep the last ``max_len`` items of each sequence and right-pad with 0.
 

@@ -114,3 +114,61 @@ def evaluate_scorer(
         m = np.asarray(mask, dtype=bool)[keep]
         report[name] = summarise(ranked[m], t[m], k, n_items, item_vectors, item_popularity, n_train_users)
     return report
+
+
+def target_ranks(scores: np.ndarray, seen: list[np.ndarray], targets: np.ndarray, pool: np.ndarray | None = None) -> np.ndarray:
+    """1-based full-ranking rank of each row's target, seen items excluded and ties counted against it.
+
+    Recall@K of a small slice is mostly zeros; the rank shows whether a model moves the
+    slice's items up even when not into the top K. With ``pool`` the target competes only
+    with the pool's items: how well a model tells rare items apart from each other,
+    whatever it thinks of rare items as a whole.
+
+    Args:
+        scores: (B, n_items) scores; column j is item row j + 1.
+        seen: Per row, items to exclude (the target itself never is).
+        targets: (B,) target item rows (1-based).
+        pool: Optional (n_items,) booleans: other items outside it are excluded.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if len(scores) != len(targets) or len(seen) != len(targets):
+        raise ValueError(f"scores ({len(scores)} rows), seen ({len(seen)}) and targets ({len(targets)}) must align")
+    if len(targets) and (targets.min() < 1 or targets.max() > scores.shape[1]):
+        raise ValueError(f"targets must be item rows 1..{scores.shape[1]}")
+    ranks = np.zeros(len(targets), np.int64)
+    for i, (row, drop, t) in enumerate(zip(scores, seen, targets, strict=True)):
+        row = np.asarray(row, dtype=np.float64).copy()
+        own = row[t - 1]
+        drop = np.asarray(drop, dtype=np.int64)
+        row[drop[(drop > 0) & (drop != t)] - 1] = -np.inf
+        if pool is not None:
+            row[~np.asarray(pool, dtype=bool)] = -np.inf
+            row[t - 1] = own
+        ranks[i] = int((row >= own).sum())
+    return ranks
+
+
+def scorer_target_ranks(
+    scorer: Scorer,
+    histories: list[np.ndarray],
+    seen: list[np.ndarray],
+    targets: np.ndarray,
+    pool: np.ndarray | None = None,
+    batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`target_ranks` of a scorer over many histories, scored in batches.
+
+    Returns:
+        The full-ranking ranks, and the ranks among ``pool`` (None without a pool).
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    full, in_pool = [], []
+    for start in range(0, len(histories), batch_size):
+        stop = start + batch_size
+        scores = np.asarray(scorer.score(histories[start:stop]))
+        full.append(target_ranks(scores, seen[start:stop], targets[start:stop]))
+        if pool is not None:
+            in_pool.append(target_ranks(scores, seen[start:stop], targets[start:stop], pool))
+    empty = np.zeros(0, np.int64)
+    ranks = np.concatenate(full) if full else empty
+    return ranks, (np.concatenate(in_pool) if in_pool else empty) if pool is not None else None

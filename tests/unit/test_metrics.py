@@ -15,7 +15,7 @@ from stratarec.evaluation.metrics import (
     ratio_estimate,
     recall_at_k,
 )
-from stratarec.evaluation.ranking import evaluate_scorer, rank_top_k
+from stratarec.evaluation.ranking import evaluate_scorer, rank_top_k, scorer_target_ranks, target_ranks
 
 pytestmark = pytest.mark.unit
 
@@ -72,6 +72,35 @@ def test_rank_excludes_seen_items():
     scorer = _FixedScorer([5.0, 4.0, 3.0, 2.0, 1.0])  # items 1..5 best first
     ranked = rank_top_k(scorer, [np.array([1, 2])], [np.array([1, 2])], k=2)
     assert ranked.tolist() == [[3, 4]]
+
+
+def test_target_ranks_by_hand():
+    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 0.0, 0.0]])
+    seen = [np.array([1, 2]), np.array([4]), np.array([], np.int64)]
+    # row 0: items 1, 2 seen -> item 3 first; row 1: item 4 is the target, so it is kept
+    # although it is in the history: items 1, 2, 3 beat it; row 2: a three-way tie counts against item 2.
+    assert target_ranks(scores, seen, np.array([3, 4, 2])).tolist() == [1, 4, 3]
+    # Among the pool {4, 5} only: row 1's target 4 beats 5; row 0's target 3 is outside the pool but still
+    # competes, and beats both pool items.
+    pool = np.array([False, False, False, True, True])
+    assert target_ranks(scores[:2], seen[:2], np.array([3, 4]), pool).tolist() == [1, 1]
+
+
+def test_target_ranks_rejects_bad_targets():
+    with pytest.raises(ValueError, match="targets must be item rows 1..2"):
+        target_ranks(np.zeros((1, 2)), [np.array([], np.int64)], np.array([3]))
+    with pytest.raises(ValueError, match="must align"):
+        target_ranks(np.zeros((2, 2)), [np.array([], np.int64)], np.array([1, 1]))
+
+
+def test_scorer_target_ranks_matches_one_batch():
+    scorer = _FixedScorer([5.0, 4.0, 3.0, 2.0, 1.0])
+    histories = [np.array([1]), np.array([2, 3]), np.array([5])]
+    targets = np.array([5, 4, 1])
+    ranks, pool_ranks = scorer_target_ranks(scorer, histories, histories, targets, np.array([1, 0, 0, 1, 1], bool), batch_size=2)
+    assert ranks.tolist() == [4, 2, 1]
+    assert pool_ranks.tolist() == [2, 2, 1]  # among the unseen of items 1, 4, 5: item 1 beats 5 and 4
+    assert scorer_target_ranks(scorer, histories, histories, targets)[1] is None
 
 
 def test_evaluate_scorer_overall_and_slice():

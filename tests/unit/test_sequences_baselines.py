@@ -4,12 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stratarec.baselines import EASE, ItemKNN, MostPopular, build_baselines, tune_ease
+from stratarec.baselines import EASE, ItemKNN, MostPopular, TextSimilarity, build_baselines, tune_ease
 from stratarec.evaluation.ranking import evaluate_scorer
 from stratarec.sequences import (
     ItemIndex,
     leave_last_out_cutoffs,
     length_grouped_batches,
+    next_event_cases,
     pad_right,
     split_from_events,
     split_from_frame,
@@ -122,3 +123,33 @@ def test_length_grouped_batches_by_hand():
     np.testing.assert_array_equal(batches[1][1], [[1, 2, 3, 0], [6, 7, 8, 9]])  # 5 items cut to the last 4
     np.testing.assert_array_equal(batches[1][2], [3, 4])
     assert list(length_grouped_batches([], max_len=4, batch_rows=2)) == []
+
+
+def test_next_event_cases_by_hand():
+    ev = _events([(1, 10, 1), (1, 20, 5), (1, 99, 6), (1, 30, 7), (2, 40, 8), (3, 10, 2), (3, 20, 3)])
+    idx = ItemIndex(np.array([10, 20, 30, 40]))  # rows 1..4; item 99 is unknown and dropped
+    cases = next_event_cases(ev, idx, after=pd.Timestamp(4, unit="s", tz="UTC"), max_history=1)
+    # user 1: events at 5 and 7 are late; user 2's only event has no history; user 3 is all early.
+    assert cases.users.tolist() == [1, 1]
+    assert cases.targets.tolist() == [2, 3]
+    assert [h.tolist() for h in cases.histories] == [[1], [2]]  # max_history=1 keeps the newest item
+    full = next_event_cases(ev, idx, after=pd.Timestamp(4, unit="s", tz="UTC"), max_history=10)
+    assert [h.tolist() for h in full.histories] == [[1], [1, 2]]
+
+
+def test_next_event_cases_rejects_interleaved_users():
+    ev = _events([(1, 10, 1), (2, 20, 2), (1, 30, 3)])
+    with pytest.raises(ValueError, match="grouped by user"):
+        next_event_cases(ev, ItemIndex(np.array([10, 20, 30])), after=pd.Timestamp(0, unit="s", tz="UTC"), max_history=5)
+
+
+def test_text_similarity_scores_cosine_to_recent_items():
+    vectors = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])  # rows 1, 2, 3
+    scorer = TextSimilarity(vectors, window=1)
+    # Only the newest item (row 2, direction (0, 1)) makes the profile.
+    s = scorer.score([np.array([1, 2]), np.array([], np.int64)])
+    np.testing.assert_allclose(s[0], [0.0, 1.0, np.sqrt(0.5)], atol=1e-6)
+    assert not s[1].any()  # no history, no signal
+    both = TextSimilarity(vectors, window=2).score([np.array([1, 2])])[0]
+    # Profile = mean of (1, 0) and (0, 1) = (0.5, 0.5): dot products 0.5, 0.5, 2 * 0.5 / sqrt(2).
+    np.testing.assert_allclose(both, [0.5, 0.5, np.sqrt(0.5)], atol=1e-6)
