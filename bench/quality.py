@@ -6,7 +6,8 @@
 ml-1m-sasrec uses the published split and protocol (rank all items given train/input.txt,
 exclude the sequence's items, score test/output.txt; early stopping on val/). ml-100k uses the
 pipeline's temporal leave-last-out split and adds the text-init ablation, the cold-item
-slice and the warm-start experiment. Prints tables and writes JSON to bench/results/.
+slice, the warm-start experiment and a temporal cold-item study (every event after the 80%
+cut-off, several hundred of them cold). Prints tables and writes JSON to bench/results/.
 """
 
 from __future__ import annotations
