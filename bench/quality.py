@@ -26,7 +26,7 @@ import torch
 
 from stratarec.baselines import MostPopular, TextSimilarity, build_baselines
 from stratarec.config import ModelConfig, TrainConfig
-from stratarec.evaluation.ranking import evaluate_scorer, target_ranks
+from stratarec.evaluation.ranking import evaluate_scorer, scorer_target_ranks, target_ranks
 from stratarec.model.sequential import SequentialRecommender
 from stratarec.sequences import ItemIndex, NextEventCases, SequenceSplit, next_event_cases, split_from_events
 from stratarec.tables import text_table
@@ -319,10 +319,7 @@ def cold_item_detail(scorer, inputs, seen, targets: np.ndarray, counts: np.ndarr
     """
     pool = counts[1:] <= max_count
     chosen = np.flatnonzero(cold)
-    scores = scorer.score([inputs[i] for i in chosen]) if len(chosen) else np.zeros((0, len(pool)))
-    chosen_seen = [seen[i] for i in chosen]
-    rank = target_ranks(scores, chosen_seen, targets[chosen])
-    pool_rank = target_ranks(scores, chosen_seen, targets[chosen], pool)
+    rank, pool_rank = scorer_target_ranks(scorer, [inputs[i] for i in chosen], [seen[i] for i in chosen], targets[chosen], pool)
     c = counts[targets[cold]]
     never = c == 0
 
