@@ -15,6 +15,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import pandas as pd
 
@@ -28,8 +30,11 @@ __all__ = [
     "ML100K_URL",
     "fetch_movielens_100k",
     "load_movielens_100k",
+    "merge_duplicate_titles",
     "verify_movielens_100k",
 ]
+
+logger = logging.getLogger(__name__)
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_DIR = "ml-100k"
@@ -50,10 +55,17 @@ def load_movielens_100k(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     Args:
         data_dir: The folder holding ``ml-100k/``, or the ``ml-100k`` folder itself.
 
+    ``u.item`` lists 18 films twice under two ids (e.g. *Chasing Amy (1997)* as 246 and 268),
+    and 307 users rated a film under both. Left apart, the copies split the film's events, a
+    user who rated one copy can be recommended the other, and "rated copy A, then copy B" is a
+    trivially predictable next event. The loader merges them with
+    :func:`merge_duplicate_titles` and logs what it merged.
+
     Returns:
-        Events (100,000 rows; ``event_timestamp`` from the Unix seconds in ``u.data``) and
-        items (1,682 rows; ``genres`` joins the flagged names from ``u.genre`` in file order,
-        ``release_year`` from the release date, null for the one item without it).
+        Events (99,693 rows: the 100,000 of ``u.data`` less each user's second rating of a
+        merged film; ``event_timestamp`` from the Unix seconds) and items (1,664 rows;
+        ``genres`` joins the flagged names from ``u.genre`` in file order, ``release_year``
+        from the release date, null for the one item without it).
 
     Raises:
         DataSourceError: A needed file is missing; the message names it and how to get it.
@@ -92,7 +104,54 @@ def load_movielens_100k(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             schema.RELEASE_YEAR: pd.to_datetime(raw["release_date"], format="%d-%b-%Y", errors="coerce").dt.year,
         }
     )
-    return canonicalize(events, items)
+    events, items = canonicalize(events, items)
+    n_events = len(events)
+    events, items, merged = merge_duplicate_titles(events, items)
+    if merged:
+        logger.info(
+            "merged %d catalogue entries listed twice onto the lowest id of their title; dropped %d repeated ratings",
+            len(merged),
+            n_events - len(events),
+        )
+    return events, items
+
+
+def merge_duplicate_titles(events: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, int]]:
+    """Merge catalogue entries that share a title onto the lowest item id of that title.
+
+    Only for sources known to list one film twice (MovieLens 100K's titles carry the year, so a
+    shared title is the same film). Each user keeps their first event on the merged film (the
+    earliest; on a tie the lower original id); later events on it are dropped, because a
+    second rating of the same film is not a new interaction.
+
+    Args:
+        events: Canonical events.
+        items: Canonical items; rows with a null title are never merged.
+
+    Returns:
+        ``(events, items, merged)``: events remapped and without the repeats, in their original
+        order; items without the merged rows; ``merged`` maps each dropped item id to the id it
+        was merged onto (empty when every title is unique, and then the tables are returned as given).
+    """
+    titled = items[items[schema.TITLE].notna()]
+    keep_id = titled.groupby(schema.TITLE, sort=False)[schema.ITEM_ID].transform("min")
+    merged = {int(a): int(b) for a, b in zip(titled[schema.ITEM_ID], keep_id, strict=True) if a != b}
+    if not merged:
+        return events, items, merged
+    ev = events.copy()
+    original = ev[schema.ITEM_ID]
+    ev[schema.ITEM_ID] = original.map(lambda i: merged.get(i, i) if pd.notna(i) else i).astype(original.dtype)
+    # First event per (user, film): earliest timestamp, then the lower original id, then file order.
+    order = pd.DataFrame({"ts": ev[schema.EVENT_TIMESTAMP], "orig": original, "pos": np.arange(len(ev))})
+    order = order.sort_values(["ts", "orig", "pos"], kind="stable")
+    later = ev.loc[order.index].duplicated([schema.USER_ID, schema.ITEM_ID], keep="first").reindex(ev.index)
+    # Only (user, film) pairs that the merge joined lose their repeats: a user who rated one
+    # id twice in the source must still reach validation as a duplicate.
+    joined = original.groupby([ev[schema.USER_ID], ev[schema.ITEM_ID]], dropna=False).transform("nunique") > 1
+    drop = later.to_numpy() & joined.to_numpy()
+    ev = ev[~drop].reset_index(drop=True)
+    it = items[~items[schema.ITEM_ID].isin(set(merged))].reset_index(drop=True)
+    return ev, it, merged
 
 
 def verify_movielens_100k(folder: Path) -> Path:

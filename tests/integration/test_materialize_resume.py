@@ -1,6 +1,6 @@
 """Materialization killed halfway resumes from its watermark: production profile, real ML-100K.
 
-A subprocess publishes ML-100K's features (100,000 activity rows, 943 users, 1,682 items)
+A subprocess publishes ML-100K's features (99,693 activity rows, 943 users, 1,664 items)
 into Redis + a PostgreSQL registry in 8 chunks. Once the watermark shows 3 chunks
 committed and the 4th chunk has written half its rows to Redis, the test SIGKILLs it. The
 rerun, in this process with features recomputed from the raw data (as a KFP retry would),

@@ -13,7 +13,7 @@ from stratarec.config import ColumnMapping, DataConfig, SyntheticConfig
 from stratarec.data.errors import DataSourceError
 from stratarec.data.generic import load_generic
 from stratarec.data.ingest import canonicalize, load_raw_tables, read_table, write_parquet_atomic
-from stratarec.data.movielens import fetch_movielens_100k, load_movielens_100k, verify_movielens_100k
+from stratarec.data.movielens import fetch_movielens_100k, load_movielens_100k, merge_duplicate_titles, verify_movielens_100k
 from stratarec.data.synthetic import CORRUPTIONS, DRIFT_START, GENRE_NAMES, generate_synthetic, inject_corruption
 
 pytestmark = pytest.mark.unit
@@ -45,12 +45,14 @@ def ml100k(shared_data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_movielens_counts_and_schema(ml100k):
     events, items = ml100k
     assert_canonical(events, items)
-    assert len(events) == 100_000
+    # u.data's 100,000 ratings less 307 second ratings of a film listed twice (18 of them).
+    assert len(events) == 100_000 - 307
     assert events[schema.USER_ID].nunique() == 943
-    assert events[schema.ITEM_ID].nunique() == 1682
-    assert len(items) == 1682 and items[schema.ITEM_ID].is_unique
-    # Star counts from the data README.
-    assert events[schema.RATING].value_counts().sort_index().tolist() == [6110, 11370, 27145, 34174, 21201]
+    assert events[schema.ITEM_ID].nunique() == 1682 - 18
+    assert len(items) == 1682 - 18 and items[schema.ITEM_ID].is_unique and items[schema.TITLE].is_unique
+    assert not events.duplicated([schema.USER_ID, schema.ITEM_ID]).any()
+    by_id = items.set_index(schema.ITEM_ID)
+    assert 246 in by_id.index and 268 not in by_id.index  # Chasing Amy (1997) keeps its lower id
     assert events[schema.EVENT_TIMESTAMP].min() >= pd.Timestamp("1997-09-01", tz="UTC")
     assert events[schema.EVENT_TIMESTAMP].max() < pd.Timestamp("1998-05-01", tz="UTC")
 
@@ -68,7 +70,56 @@ def test_movielens_items_parse_genres_years_and_latin1(ml100k):
 
 def test_movielens_accepts_the_ml100k_folder_itself(shared_data_dir):
     events, items = load_movielens_100k(shared_data_dir / "ml-100k")
-    assert len(events) == 100_000 and len(items) == 1682
+    assert len(events) == 99_693 and len(items) == 1664
+
+
+def _merge_case() -> tuple[pd.DataFrame, pd.DataFrame]:
+    ts = pd.to_datetime([10, 20, 20, 30, 40, 50, 60, 60], unit="s", utc=True)
+    events = pd.DataFrame(
+        {
+            schema.USER_ID: [1, 1, 2, 2, 3, 3, 4, 4],
+            schema.ITEM_ID: [7, 3, 3, 7, 9, 9, 5, 8],
+            schema.RATING: [5.0, 1.0, 2.0, 4.0, 3.0, 3.0, 1.0, 2.0],
+            schema.EVENT_TIMESTAMP: ts,
+        }
+    )
+    items = pd.DataFrame(
+        {
+            schema.ITEM_ID: [3, 5, 7, 8, 9],
+            schema.TITLE: ["Film (1997)", None, "Film (1997)", None, "Other (1990)"],
+            schema.GENRES: ["Drama", "", "Drama", "", "Comedy"],
+            schema.RELEASE_YEAR: [1997, None, 1997, None, 1990],
+        }
+    )
+    return canonicalize(events, items)
+
+
+def test_merge_duplicate_titles_keeps_each_users_first_rating_under_the_lowest_id():
+    events, items = _merge_case()
+    ev, it, merged = merge_duplicate_titles(events, items)
+    assert merged == {7: 3}
+    assert it[schema.ITEM_ID].tolist() == [3, 5, 8, 9]  # null titles (5, 8) are never merged
+    # User 1 rated copy 7 first (t=10): that rating survives, moved to id 3. User 2 rated both
+    # at t=20/30: the t=20 one survives. User 3's own duplicate of item 9 is not the merge's to
+    # drop (validation reports it); user 4's items 5 and 8 share a null title and stay apart.
+    assert ev[schema.USER_ID].tolist() == [1, 2, 3, 3, 4, 4]
+    assert ev[schema.ITEM_ID].tolist() == [3, 3, 9, 9, 5, 8]
+    assert ev[schema.RATING].tolist() == [5.0, 2.0, 3.0, 3.0, 1.0, 2.0]
+    assert str(ev[schema.ITEM_ID].dtype) == "Int64"
+
+
+def test_merge_duplicate_titles_breaks_a_timestamp_tie_by_the_lower_original_id():
+    events, items = _merge_case()
+    events.loc[1, schema.EVENT_TIMESTAMP] = events.loc[0, schema.EVENT_TIMESTAMP]  # user 1: ids 7 and 3 both at t=10
+    ev, _, _ = merge_duplicate_titles(events, items)
+    assert ev[ev[schema.USER_ID] == 1][schema.RATING].tolist() == [1.0]  # the rating given under id 3
+
+
+def test_merge_duplicate_titles_leaves_unique_catalogues_alone():
+    events, items = _merge_case()
+    items.loc[2, schema.TITLE] = "Film (2001)"
+    ev, it, merged = merge_duplicate_titles(events, items)
+    assert merged == {} and ev is events and it is items
 
 
 def test_movielens_missing_file_names_it_and_says_how_to_fix(tmp_path):
@@ -101,7 +152,7 @@ def test_fetch_returns_an_existing_verified_folder_without_downloading(shared_da
 def test_load_raw_tables_movielens_and_min_rating(shared_data_dir):
     events, items = load_raw_tables(DataConfig(source="movielens-100k", data_dir=str(shared_data_dir), min_rating=4.0))
     assert_canonical(events, items)
-    assert len(events) == 34174 + 21201
+    assert len(events) == 34059 + 21135  # 4- and 5-star events left after merging films listed twice
     assert events.index.equals(pd.RangeIndex(len(events)))
 
 
