@@ -7,6 +7,7 @@ points at and are never copied into the project or bundled into anything it publ
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -14,8 +15,6 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
-
-import logging
 
 import numpy as np
 import pandas as pd
