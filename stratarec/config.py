@@ -67,6 +67,11 @@ class ValidationConfig(_Strict):
     timestamp_floor: str = "1990-01-01"
     min_events_per_user: int = Field(3, ge=1)
     max_failed_examples: int = Field(5, ge=1)
+    unique_titles: bool = Field(
+        True,
+        description="Fail when two items share a title: a catalogue listing one film twice splits its events and can "
+        "recommend a user the copy of what they already rated. Turn off for catalogues where titles repeat by design.",
+    )
 
 
 class FeatureConfig(_Strict):

@@ -314,6 +314,14 @@ def _build_checks(cfg: ValidationConfig, frames: dict[str, pd.DataFrame], now: p
         "items.item_id.unique", ITEMS_TABLE, "items.item_id unique", gxe.ExpectColumnValuesToBeUnique(column=schema.ITEM_ID), schema.ITEM_ID
     )
     add("items.title.not_null", ITEMS_TABLE, "items.title not null", gxe.ExpectColumnValuesToNotBeNull(column=schema.TITLE), schema.TITLE)
+    if cfg.unique_titles:
+        add(
+            "items.title.unique",
+            ITEMS_TABLE,
+            "items.title unique (one catalogue entry per title)",
+            gxe.ExpectColumnValuesToBeUnique(column=schema.TITLE),
+            schema.TITLE,
+        )
 
     add(
         "users.min_events",

@@ -101,7 +101,21 @@ def test_duplicate_item_ids_and_wrong_dtypes_fail(clean, tmp_path):
     events = events.astype({schema.RATING: "object"})
     result = validate_tables(events, items, CFG, tmp_path, now=NOW)
     failed = {(f.table, f.expectation, f.column) for f in result.failures}
-    assert failed == {("items", "expect_column_values_to_be_unique", schema.ITEM_ID), ("events", "expect_column_type_to_be", schema.RATING)}
+    assert failed == {
+        ("items", "expect_column_values_to_be_unique", schema.ITEM_ID),
+        ("items", "expect_column_values_to_be_unique", schema.TITLE),  # the copied row repeats its title too
+        ("events", "expect_column_type_to_be", schema.RATING),
+    }
+
+
+def test_a_title_listed_twice_fails_unless_titles_may_repeat(clean, tmp_path):
+    events, items = clean
+    items = items.copy()
+    items.loc[1, schema.TITLE] = items.loc[0, schema.TITLE]
+    failure = only_failure(validate_tables(events, items, CFG, tmp_path, now=NOW))
+    assert (failure.table, failure.column, failure.unexpected_count) == ("items", schema.TITLE, 2)
+    assert {e[schema.TITLE] for e in failure.examples} == {items.loc[0, schema.TITLE]}
+    assert validate_tables(events, items, ValidationConfig(unique_titles=False), tmp_path, now=NOW).success
 
 
 def test_missing_column_is_a_failure_not_a_crash(clean, tmp_path):
