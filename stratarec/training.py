@@ -397,8 +397,13 @@ def train_sequential(
     began = time.monotonic() - already
     budget = train_cfg.max_minutes * 60.0
     n_batches = math.ceil(len(windows) / train_cfg.batch_size)
+    # A checkpoint of a run that had already stopped is its result: training on would add an
+    # epoch past the stop and could move the best model, so a rerun would not reproduce the run.
+    finished = start_epoch > 0 and (stale >= train_cfg.patience or already > budget or start_epoch >= max_epochs)
+    if finished:
+        log.info("the run in %s had already stopped at epoch %d; returning its best model", checkpoint_dir, start_epoch)
     epoch = start_epoch
-    for epoch in range(start_epoch + 1, max_epochs + 1):
+    for epoch in range(start_epoch + 1, (start_epoch if finished else max_epochs) + 1):
         model.train()
         t0 = time.monotonic()
         total, batches = 0.0, 0

@@ -126,6 +126,19 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert resumed.best_val_ndcg == pytest.approx(fresh.best_val_ndcg, abs=1e-6)
 
 
+def test_rerun_of_a_finished_run_returns_it_without_training_more(tmp_path):
+    split = walk_split(n_users=60)
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    cfg = FAST.model_copy(update={"epochs": 30, "patience": 2})
+    first = train_sequential(split, idx, text_for(), SMALL, cfg, tmp_path / "ck")
+    assert first.epochs_run < 30  # stopped early, so the rerun must not pick up from there
+    again = train_sequential(split, idx, text_for(), SMALL, cfg, tmp_path / "ck")
+    assert (again.resumed_from_epoch, again.epochs_run, again.best_epoch) == (first.epochs_run, first.epochs_run, first.best_epoch)
+    assert again.history == first.history
+    inputs = split.test_inputs()[:5]
+    np.testing.assert_array_equal(ModelScorer(again.model).score(inputs), ModelScorer(first.model).score(inputs))
+
+
 def test_warm_start_with_new_items(tmp_path):
     split = walk_split()
     old_idx = ItemIndex(np.arange(1, N_ITEMS + 1))
