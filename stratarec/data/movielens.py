@@ -125,14 +125,15 @@ def merge_duplicate_titles(events: pd.DataFrame, items: pd.DataFrame) -> tuple[p
 
     Args:
         events: Canonical events.
-        items: Canonical items; rows with a null title are never merged.
+        items: Canonical items; rows with a null title or id are never merged.
 
     Returns:
         ``(events, items, merged)``: events remapped and without the repeats, in their original
         order; items without the merged rows; ``merged`` maps each dropped item id to the id it
         was merged onto (empty when every title is unique, and then the tables are returned as given).
     """
-    titled = items[items[schema.TITLE].notna()]
+    # Rows without a title or an id are left for validation to report.
+    titled = items[items[schema.TITLE].notna() & items[schema.ITEM_ID].notna()]
     keep_id = titled.groupby(schema.TITLE, sort=False)[schema.ITEM_ID].transform("min")
     merged = {int(a): int(b) for a, b in zip(titled[schema.ITEM_ID], keep_id, strict=True) if a != b}
     if not merged:

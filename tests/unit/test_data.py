@@ -115,6 +115,13 @@ def test_merge_duplicate_titles_breaks_a_timestamp_tie_by_the_lower_original_id(
     assert ev[ev[schema.USER_ID] == 1][schema.RATING].tolist() == [1.0]  # the rating given under id 3
 
 
+def test_merge_duplicate_titles_leaves_rows_without_an_id_to_validation():
+    events, items = _merge_case()
+    items.loc[0, schema.ITEM_ID] = pd.NA  # "Film (1997)" now has one row with an id
+    ev, it, merged = merge_duplicate_titles(events, items)
+    assert merged == {} and len(it) == len(items) and len(ev) == len(events)
+
+
 def test_merge_duplicate_titles_leaves_unique_catalogues_alone():
     events, items = _merge_case()
     items.loc[2, schema.TITLE] = "Film (2001)"
