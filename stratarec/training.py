@@ -11,6 +11,7 @@ items it is also cheap enough for a CPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -296,6 +297,19 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def _data_fingerprint(split: SequenceSplit, validation: tuple[list[np.ndarray], np.ndarray] | None) -> str:
+    """sha256 of the training sequences and the validation cases, in order."""
+    digest = hashlib.sha256()
+    val_inputs, val_targets = validation if validation is not None else ([], split.val_targets)
+    for part in (split.train, val_inputs):
+        for seq in part:
+            digest.update(np.asarray(seq, dtype=np.int64).tobytes())
+            digest.update(b"|")
+        digest.update(b"#")
+    digest.update(np.asarray(val_targets, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def train_sequential(
     split: SequenceSplit,
     index: ItemIndex,
@@ -357,13 +371,15 @@ def train_sequential(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     state_path = checkpoint_dir / "state.json"
-    # A checkpoint resumes only the same run: a different schedule would splice two runs' rates together.
+    # A checkpoint resumes only the same run: a different schedule would splice two runs' rates
+    # together, and other data would pass off a model trained on the old events as the new one's.
     run_key = {
         "arch": arch.__dict__,
         "seed": train_cfg.seed,
         "n_users": len(split.users),
         "warm": warm,
         "lr_schedule": train_cfg.lr_schedule,
+        "data": _data_fingerprint(split, validation),
     }
     history: list[dict] = []
     start_epoch, best_ndcg, best_epoch, stale = 0, -1.0, 0, 0

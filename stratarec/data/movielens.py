@@ -51,14 +51,14 @@ _ITEM_FIXED = ["item_id", "title", "release_date", "video_release_date", "imdb_u
 def load_movielens_100k(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read MovieLens 100K as canonical ``(events, items)``.
 
-    Args:
-        data_dir: The folder holding ``ml-100k/``, or the ``ml-100k`` folder itself.
-
     ``u.item`` lists 18 films twice under two ids (e.g. *Chasing Amy (1997)* as 246 and 268),
     and 307 users rated a film under both. Left apart, the copies split the film's events, a
     user who rated one copy can be recommended the other, and "rated copy A, then copy B" is a
     trivially predictable next event. The loader merges them with
     :func:`merge_duplicate_titles` and logs what it merged.
+
+    Args:
+        data_dir: The folder holding ``ml-100k/``, or the ``ml-100k`` folder itself.
 
     Returns:
         Events (99,693 rows: the 100,000 of ``u.data`` less each user's second rating of a

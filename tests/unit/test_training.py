@@ -139,6 +139,16 @@ def test_rerun_of_a_finished_run_returns_it_without_training_more(tmp_path):
     np.testing.assert_array_equal(ModelScorer(again.model).score(inputs), ModelScorer(first.model).score(inputs))
 
 
+def test_checkpoint_of_other_data_is_not_resumed(tmp_path):
+    split = walk_split(n_users=40)
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    cfg = FAST.model_copy(update={"epochs": 2})
+    train_sequential(split, idx, text_for(), SMALL, cfg, tmp_path / "ck")
+    split.train[0] = split.train[0][::-1].copy()  # same users and sizes, one history changed
+    again = train_sequential(split, idx, text_for(), SMALL, cfg, tmp_path / "ck")
+    assert again.resumed_from_epoch == 0 and again.epochs_run == 2
+
+
 def test_warm_start_with_new_items(tmp_path):
     split = walk_split()
     old_idx = ItemIndex(np.arange(1, N_ITEMS + 1))
