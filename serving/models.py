@@ -53,6 +53,14 @@ class RecommendRequest(_Request):
         default_factory=list, max_length=MAX_EXCLUDE, description="Item ids never to return (besides the user's own history)."
     )
     diversify: StrictBool = Field(False, description="Take items round-robin across interest layers.")
+    discovery: StrictInt = Field(
+        0,
+        ge=0,
+        le=MAX_K,
+        description="How many of the k places, at the end, go to the best-scored new or rarely rated items "
+        "(at most ServingConfig.discovery_max_events training events); a value above k gives all k places to them. "
+        "Cold-start answers have none.",
+    )
 
 
 class BatchRequest(_Request):

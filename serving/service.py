@@ -955,7 +955,9 @@ class RecommenderService:
             model = bentoml.models.get(self.model_tag)
             model_dir = Path(model.path)
             cfg = StrataConfig.from_json((model_dir / CONFIG_FILE).read_text())
-            bundle = RecommenderBundle(model_dir, state_cache_size=cfg.serving.state_cache_size)
+            bundle = RecommenderBundle(
+                model_dir, state_cache_size=cfg.serving.state_cache_size, discovery_max_events=cfg.serving.discovery_max_events
+            )
         except Exception as exc:
             self.model_error = _short(exc)
             return False
@@ -1151,8 +1153,8 @@ class RecommenderService:
             rows = bundle.history_rows(recent)  # unknown items dropped: none left is no history
             if not len(rows):
                 results[i] = self._cold_start(req.k, layers[i], req.exclude)
-            elif req.diversify:
-                results[i] = bundle.recommend_rows(rows, req.k, exclude=req.exclude, diversify=True)
+            elif req.diversify or req.discovery:
+                results[i] = bundle.recommend_rows(rows, req.k, exclude=req.exclude, diversify=req.diversify, discovery=req.discovery)
                 cold[i] = False
             else:
                 batched.append(i)
@@ -1224,6 +1226,7 @@ class RecommenderService:
                     "k": q.k,
                     "n_exclude": len(q.exclude),
                     "diversify": q.diversify,
+                    "discovery": q.discovery,
                     "endpoint": endpoint,
                     "model_tag": r.model_tag,
                 }

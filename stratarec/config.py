@@ -243,6 +243,11 @@ class ServingConfig(_Strict):
         description="User states kept in memory, keyed by the exact history the model sees (~0.3 KB each at hidden "
         "size 64): a repeated history skips the transformer pass. 0 turns the cache off.",
     )
+    discovery_max_events: int = Field(
+        5,
+        ge=0,
+        description="Items with at most this many training events may fill a request's discovery places (RecommendRequest.discovery).",
+    )
     request_log: str = "request_log"
     feature_retry_seconds: float = Field(
         1.0,

@@ -75,6 +75,23 @@ def test_diversify_spreads_over_layers(client, released):
     assert len(items) == 6 and len({it["layer"] for it in items}) >= 2
 
 
+def test_discovery_places_end_the_list_with_rare_items(client, released, reference):
+    ref = reference[0]
+    user, history = released["known_user"], released["known_history"]
+    head = post(client, "/recommend", {"user_id": user, "k": 3}).json()["items"]
+    request = {"user_id": user, "k": 5, "discovery": 2}
+    r = post(client, "/recommend", request)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert [it[ITEM_ID] for it in items[:3]] == [it[ITEM_ID] for it in head]
+    events = dict(zip(ref.item_ids.tolist(), ref.popularity.tolist(), strict=True))
+    tail = items[3:]
+    assert len(tail) == 2 and all(it["reason"].startswith("discovery: ") and events[it[ITEM_ID]] <= 5 for it in tail)
+    assert len({it[ITEM_ID] for it in items}) == 5 and not {it[ITEM_ID] for it in items} & set(history)
+    batch = post(client, "/recommend/batch", {"requests": [request, {"user_id": user, "k": 3}]}).json()["responses"]
+    assert [[it[ITEM_ID] for it in b["items"]] for b in batch] == [[it[ITEM_ID] for it in items], [it[ITEM_ID] for it in head]]
+
+
 def test_unknown_user_gets_cold_start_not_an_error(client):
     r = post(client, "/recommend", {"user_id": UNKNOWN_USER, "k": K})
     assert r.status_code == 200, r.text

@@ -128,6 +128,8 @@ DEEP = 100_000  # far past the JSON parser's depth limit (200)
         ("/recommend", {"user_id": 1, "exclude": [1.5]}, "exclude"),
         ("/recommend", {"user_id": 1, "exclude": 7}, "exclude"),
         ("/recommend", {"user_id": 1, "diversify": "yes"}, "diversify"),
+        ("/recommend", {"user_id": 1, "discovery": -1}, "discovery"),
+        ("/recommend", {"user_id": 1, "discovery": 2.5}, "discovery"),
         ("/similar-items", {"item_id": "abc"}, "item_id"),
         ("/recommend", {"user_id": "💥\u202e\u0000\ufeff"}, "user_id"),
         ("/recommend", {"user_id": "١٢٣"}, "user_id"),  # Arabic-Indic digits are not an id

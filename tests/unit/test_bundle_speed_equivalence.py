@@ -228,6 +228,33 @@ def test_recommend_batch_is_identical_to_one_by_one_reference(pair):
             _same(got, ref.recommend(history, k))
 
 
+@pytest.mark.parametrize("diversify", [False, True])
+def test_discovery_places_go_to_the_best_scored_rare_items(pair, diversify):
+    bundle, ref = pair
+    rare = RecommenderBundle(bundle.directory, discovery_max_events=2)
+    ids = (np.arange(1, N_ITEMS + 1) * 11).tolist()
+    for history in _histories(2)[:4]:
+        exclude = ids[:3]
+        scores = ref.scores([ref.rows(history)])[0]
+        for k, d in ((6, 2), (1, 1), (4, 9)):  # d > k: every place is a discovery place
+            got = rare.recommend_rows(rare.history_rows(history), k, exclude=exclude, diversify=diversify, discovery=d)
+            head = ref.recommend(history, k - min(d, k), exclude, diversify)
+            assert [g.item_id for g in got[: len(head)]] == [h[0] for h in head]
+            # The plain rule: among items with <= 2 training events that are not in the history,
+            # the exclusions or the head, the best scores, in score order.
+            taken = set(ref.rows(history).tolist()) | set(ref.rows(exclude).tolist()) | set(ref.rows([h[0] for h in head]).tolist())
+            cand = [c for c in range(N_ITEMS) if ref.popularity[c] <= 2 and c + 1 not in taken]
+            want = sorted(cand, key=lambda c: -scores[c])[: min(d, k)]
+            tail = got[len(head) :]
+            assert [t.item_id for t in tail] == [int(ref.item_ids[c]) for c in want]
+            assert [t.score for t in tail] == pytest.approx([float(scores[c]) for c in want], abs=1e-5)
+            for t, c in zip(tail, want, strict=True):
+                count = int(ref.popularity[c])
+                assert t.reason.startswith("discovery: ") and ("new in the catalogue" in t.reason) == (count == 0)
+                assert count == 0 or f"rated by {count} users" in t.reason
+        _same(rare.recommend(history, 5, exclude=exclude, diversify=diversify), ref.recommend(history, 5, exclude, diversify))
+
+
 def test_cold_start_is_identical_to_the_reference(pair):
     bundle, ref = pair
     ids = (np.arange(1, N_ITEMS + 1) * 11).tolist()
