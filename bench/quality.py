@@ -196,6 +196,7 @@ def run_ml1m(args: argparse.Namespace) -> dict:
             "epochs": res.epochs_run,
             "best_epoch": res.best_epoch,
             "val_ndcg@10": res.best_val_ndcg,
+            "resumed_from_epoch": res.resumed_from_epoch,  # > 0: part of train_s is an earlier process's
         },
     )
     return {
@@ -425,6 +426,7 @@ def run_ml100k(args: argparse.Namespace) -> dict:
                     "train_s": round(res.seconds, 1),
                     "epochs": res.epochs_run,
                     "best_epoch": res.best_epoch,
+                    "resumed_from_epoch": res.resumed_from_epoch,
                 },
             )
         per_seed.append(row)
@@ -784,7 +786,12 @@ def main() -> None:
     p.add_argument("--warm-epochs", type=int, default=10)
     p.add_argument("--warm-lr-factor", type=float, default=1.0)
     p.add_argument("--curve-every", type=int, default=2)
-    p.add_argument("--checkpoint-dir", default="bench/results/checkpoints")
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where models checkpoint (default: a new bench/results/checkpoints/<dataset>-<time>, so every run trains afresh"
+        " and its times are its own); pass an earlier run's folder to resume that run after a kill",
+    )
     p.add_argument(
         "--ml1m-ratings",
         default=None,
@@ -797,6 +804,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.latency_from:
         return latency_only(args)
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = f"bench/results/checkpoints/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log.info("checkpoints in %s (rerun with --checkpoint-dir %s to resume after a kill)", args.checkpoint_dir, args.checkpoint_dir)
     started = time.perf_counter()
     report = run_ml1m(args) if args.dataset == "ml-1m-sasrec" else run_ml100k(args)
     report["wall_seconds"] = time.perf_counter() - started
