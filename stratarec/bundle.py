@@ -40,8 +40,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 ITEM_LAYER = "layer"
 _NEXT_REASON = "next in your sequence; serves the '{layer_name}' layer"
-_NEW_ITEM_REASON = "discovery: new in the catalogue, chosen for you from its title and genres"
-_RARE_ITEM_REASON = "discovery: rated by {count} users so far, chosen for you from its title, genres and those ratings"
+_NEW_ITEM_REASON = "discovery: new in the catalogue, no interactions yet"
+_RARE_ITEM_REASON = "discovery: only {count} interactions so far"
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _COLD_CACHE_SIZE = 4096  # distinct (k, layer) cold-start answers kept
 
@@ -301,11 +301,14 @@ class RecommenderBundle:
         scores = self.score_rows([rows])[0]
         excluded = np.unique(np.concatenate([rows, self.history_rows(exclude)])) if exclude else rows
         discovery = min(max(discovery, 0), k)
-        cols = self._pick(scores, excluded, k - discovery, diversify) if k > discovery else np.zeros(0, np.int64)
-        recs = self._explain(cols, scores, _NEXT_REASON) if len(cols) else []
-        if discovery:
-            recs += self._discover(scores, np.concatenate([excluded, cols + 1]), discovery)
-        return recs
+        cols = self._pick(scores, excluded, k - discovery, diversify) if k > discovery else _NO_ROWS
+        if not discovery:
+            return self._explain(cols, scores, _NEXT_REASON)
+        found = self._discover(scores, np.concatenate([excluded, cols + 1]), discovery)
+        if len(found) < discovery:  # too few rare items left: the model's next best fill the places
+            taken = np.concatenate([excluded, cols + 1, self.history_rows([r.item_id for r in found])])
+            cols = np.concatenate([cols, self._pick(scores, taken, discovery - len(found), False)])
+        return (self._explain(cols, scores, _NEXT_REASON) if len(cols) else []) + found
 
     def _discover(self, scores: np.ndarray, excluded_rows: np.ndarray, n: int) -> list[Recommendation]:
         """The ``n`` best-scored discovery candidates outside ``excluded_rows``, with their reasons."""

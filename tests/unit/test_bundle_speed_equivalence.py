@@ -251,8 +251,25 @@ def test_discovery_places_go_to_the_best_scored_rare_items(pair, diversify):
             for t, c in zip(tail, want, strict=True):
                 count = int(ref.popularity[c])
                 assert t.reason.startswith("discovery: ") and ("new in the catalogue" in t.reason) == (count == 0)
-                assert count == 0 or f"rated by {count} users" in t.reason
+                assert count == 0 or f"only {count} interactions" in t.reason
         _same(rare.recommend(history, 5, exclude=exclude, diversify=diversify), ref.recommend(history, 5, exclude, diversify))
+
+
+def test_discovery_places_the_rare_pool_cannot_fill_go_to_the_next_best_items(pair):
+    bundle, ref = pair
+    new_only = RecommenderBundle(bundle.directory, discovery_max_events=0)
+    history = _histories(3)[2]
+    rows = set(ref.rows(history).tolist())
+    pool = [c for c in range(N_ITEMS) if ref.popularity[c] == 0 and c + 1 not in rows]
+    k = len(pool) + 4
+    got = new_only.recommend_rows(new_only.history_rows(history), k, discovery=k)
+    found = [g for g in got if g.reason.startswith("discovery: ")]
+    assert len(got) == k == len({g.item_id for g in got}) and not {g.item_id for g in got} & set(history)
+    assert sorted(g.item_id for g in found) == sorted(int(ref.item_ids[c]) for c in pool)
+    # The other four are the model's best items outside the pool, ahead of the discovery places.
+    scores = ref.scores([ref.rows(history)])[0]
+    rest = sorted((c for c in range(N_ITEMS) if c + 1 not in rows and c not in pool), key=lambda c: -scores[c])[:4]
+    assert [g.item_id for g in got[:4]] == [int(ref.item_ids[c]) for c in rest]
 
 
 def test_cold_start_is_identical_to_the_reference(pair):
