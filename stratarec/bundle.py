@@ -293,8 +293,9 @@ class RecommenderBundle:
             discovery: The last ``discovery`` of the ``k`` places go to the best-scored items
                 with at most ``discovery_max_events`` training events (new or rarely rated),
                 so they get exposure that a popularity-led top k never gives them. On ML-100K
-                one such place raised the cold items found in the top 10 from 1 to 12 of 664
-                and cost 7% of Recall@10 (``bench/quality.py``'s temporal cold-item study).
+                one such place raised the cold targets found in the top 10 from 0–4 to 8–14 of
+                664 (per model and seed) and cost 6–7% of Recall@10 (``bench/quality.py``'s
+                temporal cold-item study).
         """
         if len(rows) == 0:
             return self.cold_start(k, exclude=exclude)
