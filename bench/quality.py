@@ -107,6 +107,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         id_shrinkage=args.id_shrinkage,
         id_dropout=args.id_dropout,
         positions=args.positions,
+        release_age=args.release_age,
     )
     train_cfg = TrainConfig(
         epochs=args.epochs,
@@ -365,6 +366,22 @@ def _cap(split: SequenceSplit, max_history: int) -> SequenceSplit:
     return split
 
 
+def _content(items, text: np.ndarray, events, model_cfg: ModelConfig) -> np.ndarray:
+    """What a text-init model's projection reads: text, plus release age counted back from the newest of ``events``."""
+    from stratarec.item_content import item_content
+
+    year = events["event_timestamp"].max().year
+    return item_content(text, items["release_year"].to_numpy(), year, release_age=model_cfg.release_age)
+
+
+# The ML-100K models compared at every seed: (name, text_init, release_age).
+_VARIANTS = (("stratarec-text-init", True, True), ("stratarec-text-only", True, False), ("stratarec-id-only", False, False))
+
+
+def _variant_cfg(model_cfg: ModelConfig, text_init: bool, release_age: bool) -> ModelConfig:
+    return model_cfg.model_copy(update={"text_init": text_init, "release_age": release_age})
+
+
 def run_ml100k(args: argparse.Namespace) -> dict:
     """Pipeline split on ML-100K: text-init ablation, cold items, baselines, warm start.
 
@@ -403,10 +420,13 @@ def run_ml100k(args: argparse.Namespace) -> dict:
     for seed in seeds:
         seed_cfg = train_cfg.model_copy(update={"seed": seed})
         row = {"seed": seed}
-        for name, use_text in (("stratarec-text-init", True), ("stratarec-id-only", False)):
-            cfg = model_cfg.model_copy(update={"text_init": use_text})
+        for name, use_text, release_age in _VARIANTS:
+            if name == "stratarec-text-init" and not model_cfg.release_age:
+                continue  # --no-release-age: the text-only row is the text model
+            cfg = _variant_cfg(model_cfg, use_text, release_age)
             ckpt = Path(args.checkpoint_dir) / (name if seed == seeds[0] else f"{name}-seed{seed}")
-            res = train_sequential(split, index, text if use_text else None, cfg, seed_cfg, ckpt, progress=lambda s: log.info("%s", s))
+            content = _content(items, text, ordered, cfg) if use_text else None
+            res = train_sequential(split, index, content, cfg, seed_cfg, ckpt, progress=lambda s: log.info("%s", s))
             scorer = ModelScorer(res.model)
             rep = evaluate_scorer(scorer, inputs, seen, split.test_targets, K, n, slices=slices)
             detail = cold_item_detail(scorer, inputs, seen, split.test_targets, counts, cold_items)
@@ -416,7 +436,7 @@ def run_ml100k(args: argparse.Namespace) -> dict:
             trained[name] = res
             ranks = np.asarray(detail["rank"])
             results.insert(
-                0 if use_text else 1,
+                len(trained) - 1,
                 {
                     "model": name,
                     **_pick(rep["overall"]),
@@ -430,22 +450,27 @@ def run_ml100k(args: argparse.Namespace) -> dict:
                 },
             )
         per_seed.append(row)
-    text_hits = np.concatenate([np.asarray(r["stratarec-text-init"]["rank"]) <= K for r in per_seed])
-    id_hits = np.concatenate([np.asarray(r["stratarec-id-only"]["rank"]) <= K for r in per_seed])
+    main = _PAIRED[0] if model_cfg.release_age else "stratarec-text-only"
+
+    def seed_hits(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(r[name]["rank"]) <= K for r in per_seed])
+
     out = {
         "dataset": "ml-100k",
         "results": results,
         "cold_item_test_users": int(cold_items.sum()),
         "cold_items_by_seed": per_seed,
         # A = text-init, B = ID-only, over every seed's cold-item events.
-        "cold_items_pooled_test": paired_exact_test(text_hits, id_hits),
-        "latency": inference_latency(ModelScorer(trained["stratarec-text-init"].model), inputs),
+        "cold_items_pooled_test": paired_exact_test(seed_hits(main), seed_hits("stratarec-id-only")),
+        # The release-age ablation: A = text only (no release age), B = ID-only.
+        "cold_items_pooled_test_text_only": paired_exact_test(seed_hits("stratarec-text-only"), seed_hits("stratarec-id-only")),
+        "latency": inference_latency(ModelScorer(trained[main].model), inputs),
     }
-    out["warm_start"], early_text_model = warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args)
-    out["temporal_cold_items"] = temporal_cold_items(ordered, index, text, early_text_model, model_cfg, train_cfg, args)
+    out["warm_start"], early_text_model = warm_start_experiment(ordered, items, index, text, model_cfg, train_cfg, args)
+    out["temporal_cold_items"] = temporal_cold_items(ordered, items, index, text, early_text_model, model_cfg, train_cfg, args)
     if len(seeds) > 1:
         first = out["temporal_cold_items"]
-        out["temporal_cold_items_seeds"] = temporal_cold_items_seeds(ordered, index, text, first, model_cfg, train_cfg, args)
+        out["temporal_cold_items_seeds"] = temporal_cold_items_seeds(ordered, items, index, text, first, model_cfg, train_cfg, args)
     return out
 
 
@@ -453,7 +478,7 @@ def cold_item_table(report: dict) -> list[dict]:
     """One row per seed and model of the cold-item detail, for printing."""
     rows = []
     for r in report["cold_items_by_seed"]:
-        for name in ("stratarec-text-init", "stratarec-id-only"):
+        for name in (v[0] for v in _VARIANTS if v[0] in r):
             d = r[name]
             rows.append(
                 {
@@ -471,7 +496,7 @@ def cold_item_table(report: dict) -> list[dict]:
     return rows
 
 
-def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> tuple[dict, SequentialRecommender]:
+def warm_start_experiment(ordered, items, index, text, model_cfg, train_cfg, args) -> tuple[dict, SequentialRecommender]:
     """Train on the first 80% of the timeline, fine-tune on all of it; compare with from-scratch.
 
     Returns:
@@ -484,18 +509,20 @@ def warm_start_experiment(ordered, index, text, model_cfg, train_cfg, args) -> t
     early = ordered[ts <= cut]
     n = len(index)
     early_split = _cap(split_from_events(early, index), args.max_history)
-    base = train_sequential(early_split, index, text, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-base")
+    early_content = _content(items, text, early, model_cfg)
+    base = train_sequential(early_split, index, early_content, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-base")
     save_trained_model(base.model, index, Path(args.checkpoint_dir) / "warm-base-model")
     split = _cap(split_from_events(ordered, index), args.max_history)
     inputs = split.test_inputs()
     full = split.full_histories()
     seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
-    scratch = train_sequential(split, index, text, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-scratch")
+    content = _content(items, text, ordered, model_cfg)
+    scratch = train_sequential(split, index, content, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-scratch")
     warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs, "warm_start_lr_factor": args.warm_lr_factor})
     warm = train_sequential(
         split,
         index,
-        text,
+        content,
         model_cfg,
         warm_cfg,
         Path(args.checkpoint_dir) / "warm-ft",
@@ -590,7 +617,9 @@ def _slice_ranks(scorer, cases: NextEventCases, pool: np.ndarray, k: int, batch:
     return {"rank": np.concatenate(full), "pool_rank": np.concatenate(in_pool), "slot_hit": np.concatenate(slot)}
 
 
-def temporal_cold_items(ordered, index, text, text_model: SequentialRecommender, model_cfg, train_cfg, args, suffix: str = "") -> dict:
+def temporal_cold_items(
+    ordered, items, index, text, text_model: SequentialRecommender, model_cfg, train_cfg, args, suffix: str = ""
+) -> dict:
     """Cold items with enough events to read: train on the first 80% of the timeline, predict every later event.
 
     The leave-last-out test has a few dozen cold-item events (one per user at most), too few
@@ -598,8 +627,9 @@ def temporal_cold_items(ordered, index, text, text_model: SequentialRecommender,
     predicted from all the user did before it, and the cold slice is every case whose item
     had at most 5 events in the models' training data: several hundred events.
 
-    Rows: the text-init model (the warm-start study's base model), an ID-only model trained
-    on the same data and seed, the text-init model mixed with a text-similarity expert
+    Rows: the text-init model (the warm-start study's base model), the same without release
+    age (text only) and an ID-only model, trained on the same data and seed, the text-init
+    model mixed with a text-similarity expert
     (weight fitted on validation likelihood), text similarity alone, and most-popular.
     """
     from stratarec.evaluation.metrics import paired_exact_test
@@ -613,13 +643,20 @@ def temporal_cold_items(ordered, index, text, text_model: SequentialRecommender,
     cases = next_event_cases(ordered, index, after=cut, max_history=args.max_history)
     c = counts[cases.targets]
     cold, never = c <= 5, c == 0
-    id_cfg = model_cfg.model_copy(update={"text_init": False})
+    id_cfg = _variant_cfg(model_cfg, False, False)
     id_model = train_sequential(early, index, None, id_cfg, train_cfg, Path(args.checkpoint_dir) / f"temporal-id-only{suffix}").model
     text_scorer = TextSimilarity(text)
     text_model_scorer = ModelScorer(text_model)
+    if model_cfg.release_age:
+        text_only_cfg = _variant_cfg(model_cfg, True, False)
+        ckpt = Path(args.checkpoint_dir) / f"temporal-text-only{suffix}"
+        text_only_scorer = ModelScorer(train_sequential(early, index, text, text_only_cfg, train_cfg, ckpt).model)
+    else:
+        text_only_scorer = text_model_scorer
     fit = fit_text_expert(text_model_scorer, text_scorer, early.val_inputs(), early.val_targets)
     scorers = {
         "stratarec-text-init": text_model_scorer,
+        "stratarec-text-only": text_only_scorer,
         "stratarec-id-only": ModelScorer(id_model),
         "text-init + text expert": TextExpertMixture(text_model_scorer, text_scorer, fit["lam"], fit["temperature"]),
         "text_similarity": text_scorer,
@@ -659,16 +696,17 @@ def temporal_cold_items(ordered, index, text, text_model: SequentialRecommender,
         # A = text-init, B = ID-only, on the cold cases.
         "cold_paired_test": paired_exact_test(hits["stratarec-text-init"], hits["stratarec-id-only"]),
         "cold_paired_test_slot": paired_exact_test(slot_hits["stratarec-text-init"], slot_hits["stratarec-id-only"]),
+        "cold_paired_test_text_only": paired_exact_test(hits["stratarec-text-only"], hits["stratarec-id-only"]),
         # Which cold cases each model hit (positions in the cold slice), so seeds can be pooled.
         "cold_hit_cases": {name: np.flatnonzero(hits[name]).tolist() for name in _PAIRED},
         "cold_slot_hit_cases": {name: np.flatnonzero(slot_hits[name]).tolist() for name in _PAIRED},
     }
 
 
-_PAIRED = ("stratarec-text-init", "stratarec-id-only")
+_PAIRED = ("stratarec-text-init", "stratarec-id-only", "stratarec-text-only")
 
 
-def temporal_cold_items_seeds(ordered, index, text, first: dict, model_cfg, train_cfg, args) -> dict:
+def temporal_cold_items_seeds(ordered, items, index, text, first: dict, model_cfg, train_cfg, args) -> dict:
     """The temporal cold-item study at every seed after the first, pooled with the first.
 
     One seed's 664 cold cases gave text-init 12 hits with a discovery slot against ID-only's 5;
@@ -682,21 +720,23 @@ def temporal_cold_items_seeds(ordered, index, text, first: dict, model_cfg, trai
 
     seeds = args.seeds or [args.seed]
     ts = ordered["event_timestamp"]
-    early = _cap(split_from_events(ordered[ts <= ts.quantile(0.8)], index), args.max_history)
+    early_events = ordered[ts <= ts.quantile(0.8)]
+    early = _cap(split_from_events(early_events, index), args.max_history)
+    content = _content(items, text, early_events, model_cfg)
     studies = [{"seed": seeds[0], **first}]
     for seed in seeds[1:]:
         cfg = train_cfg.model_copy(update={"seed": seed})
         ckpt = Path(args.checkpoint_dir) / f"temporal-text-init-seed{seed}"
-        text_model = train_sequential(early, index, text, model_cfg, cfg, ckpt).model
-        study = temporal_cold_items(ordered, index, text, text_model, model_cfg, cfg, args, suffix=f"-seed{seed}")
+        text_model = train_sequential(early, index, content, model_cfg, cfg, ckpt).model
+        study = temporal_cold_items(ordered, items, index, text, text_model, model_cfg, cfg, args, suffix=f"-seed{seed}")
         studies.append({"seed": seed, **study})
 
-    def pooled(key: str) -> dict:
+    def pooled(key: str, a_name: str = _PAIRED[0], b_name: str = _PAIRED[1]) -> dict:
         a, b = [], []
         for st in studies:
             n = st["cold_cases"]
-            a.append(np.isin(np.arange(n), st[key][_PAIRED[0]]))
-            b.append(np.isin(np.arange(n), st[key][_PAIRED[1]]))
+            a.append(np.isin(np.arange(n), st[key][a_name]))
+            b.append(np.isin(np.arange(n), st[key][b_name]))
         return paired_exact_test(np.concatenate(a), np.concatenate(b))
 
     columns = ("cold_hits@10", "slot_cold_hits", "ndcg@10")
@@ -704,7 +744,14 @@ def temporal_cold_items_seeds(ordered, index, text, first: dict, model_cfg, trai
     for st in studies:
         paired = [r for r in st["results"] if r["model"] in _PAIRED]
         per_seed.append({"seed": st["seed"], **{f"{r['model']} {c}": r[c] for r in paired for c in columns}})
-    return {"per_seed": per_seed, "pooled_top10": pooled("cold_hit_cases"), "pooled_slot": pooled("cold_slot_hit_cases")}
+    return {
+        "per_seed": per_seed,
+        "pooled_top10": pooled("cold_hit_cases"),
+        "pooled_slot": pooled("cold_slot_hit_cases"),
+        # The release-age ablation: text only vs ID-only, and text-init vs text only.
+        "pooled_top10_text_only": pooled("cold_hit_cases", _PAIRED[2], _PAIRED[1]),
+        "pooled_top10_release_age": pooled("cold_hit_cases", _PAIRED[0], _PAIRED[2]),
+    }
 
 
 # Best validation NDCG@10 (val/input.txt -> val/output.txt, the same 512 users, rated items filtered) in the
@@ -817,6 +864,13 @@ def main() -> None:
         action="store_true",
         help="ML-1M: train the 512 validation users on their validation input (see SasrecSplit.aligned_train)",
     )
+    p.add_argument(
+        "--release-age",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="text-init models read a release-age block beside the text (model.release_age); ML-100K also trains the"
+        " text-only model for the ablation",
+    )
     p.add_argument("--id-dropout", type=float, default=0.0, help="text-init models: drop ID rows with this probability while training")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 products in the loss where the CPU has them")
     p.add_argument("--max-len", type=int, default=50)
@@ -875,6 +929,7 @@ def main() -> None:
         print(f"cold-item test events ({report['cold_item_test_users']} users, target with <= 5 training events), per seed:")
         print(text_table(rows, list(rows[0])))
         print("pooled over seeds, text-init (A) vs ID-only (B), exact McNemar:", json.dumps(report["cold_items_pooled_test"]))
+        print("pooled over seeds, text only (A) vs ID-only (B):", json.dumps(report["cold_items_pooled_test_text_only"]))
     if "warm_start" in report:
         print("warm start:", json.dumps(report["warm_start"]))
     if "temporal_cold_items" in report:
@@ -892,6 +947,8 @@ def main() -> None:
         print(text_table(ts_["per_seed"], list(ts_["per_seed"][0])))
         print("pooled over seeds, cold hits@10, text-init (A) vs ID-only (B):", json.dumps(ts_["pooled_top10"]))
         print("pooled over seeds, with a discovery slot:", json.dumps(ts_["pooled_slot"]))
+        print("pooled over seeds, text only (A) vs ID-only (B):", json.dumps(ts_["pooled_top10_text_only"]))
+        print("pooled over seeds, text-init (A) vs text only (B):", json.dumps(ts_["pooled_top10_release_age"]))
     if "full_population_estimate" in report:
         est = report["full_population_estimate"]
         rows = []

@@ -156,6 +156,14 @@ class ModelConfig(_Strict):
         "that are new or rare at serving time (DropoutNet's idea). 0 turns it off.",
     )
 
+    release_age: bool = Field(
+        True,
+        description="With text_init: the item content the projection reads is the text embedding plus a one-hot "
+        "release age (years before the newest training event; stratarec.item_content). New releases are most of "
+        "the items without interactions that users go on to watch; text alone barely says an item is new. "
+        "Measured on ML-100K in bench/quality.py (README, issue 3).",
+    )
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:

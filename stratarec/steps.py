@@ -31,9 +31,10 @@ from stratarec.bundle import (
 )
 from stratarec.config import StrataConfig
 from stratarec.evaluation.ranking import evaluate_scorer
+from stratarec.item_content import item_content
 from stratarec.layering import InterestLayers, build_interest_layers, genre_matrix
 from stratarec.registry import git_sha, read_production, utc_now
-from stratarec.schema import FEATURE_SERVICE, GENRES, ITEM_ID, ITEM_TEXT_EMBEDDING, TITLE
+from stratarec.schema import FEATURE_SERVICE, GENRES, ITEM_ID, ITEM_TEXT_EMBEDDING, RELEASE_YEAR, TITLE
 from stratarec.sequences import ItemIndex, SequenceSplit, split_from_frame
 from stratarec.training import ModelScorer, save_trained_model, train_sequential
 
@@ -46,6 +47,19 @@ def catalog_index(catalog: pd.DataFrame) -> tuple[ItemIndex, np.ndarray]:
     index = ItemIndex(cat[ITEM_ID].to_numpy(dtype=np.int64))
     text = np.stack([np.asarray(v, dtype=np.float32) for v in cat[ITEM_TEXT_EMBEDDING]])
     return index, text
+
+
+def catalog_content(catalog: pd.DataFrame, cfg: StrataConfig, reference: str | pd.Timestamp) -> tuple[ItemIndex, np.ndarray]:
+    """Item index and the content vectors the model's projection reads (text, plus release age if configured).
+
+    Args:
+        catalog: Item catalogue with text embeddings and release years (from the feature store).
+        cfg: The run config (``model.release_age``).
+        reference: The newest training event's time; release ages count back from its year.
+    """
+    index, text = catalog_index(catalog)
+    years = catalog.sort_values(ITEM_ID)[RELEASE_YEAR].to_numpy()
+    return index, item_content(text, years, pd.Timestamp(reference).year, release_age=cfg.model.release_age)
 
 
 def train_candidate(
@@ -74,13 +88,13 @@ def train_candidate(
     Returns:
         Training summary (also stored in ``lineage.json``).
     """
-    index, text = catalog_index(catalog)
+    index, content = catalog_content(catalog, cfg, data_window[1])
     split = split_from_frame(training_set, index, window=data_window)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else Path(out_dir).parent / (Path(out_dir).name + "_checkpoints")
     result = train_sequential(
         split,
         index,
-        text if cfg.model.text_init else None,
+        content if cfg.model.text_init else None,
         cfg.model,
         cfg.train,
         ckpt,
@@ -99,6 +113,7 @@ def train_candidate(
         "train_seconds": result.seconds,
         "device": result.device,
         "warm_started": result.warm_started,
+        "warm_start_skipped": result.warm_start_skipped,
         "resumed_from_epoch": result.resumed_from_epoch,
     }
     lineage = {

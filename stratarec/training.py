@@ -31,7 +31,7 @@ from stratarec.config import ModelConfig, TrainConfig
 from stratarec.evaluation.metrics import ndcg_at_k
 from stratarec.evaluation.ranking import rank_top_k
 from stratarec.model.losses import cpu_has_bf16, linear_cross_entropy
-from stratarec.model.sequential import Architecture, SequentialRecommender, load_model, save_model
+from stratarec.model.sequential import ARCH_FILE, Architecture, SequentialRecommender, load_model, save_model
 from stratarec.sequences import ItemIndex, SequenceSplit, length_grouped_batches, pad_right
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
     warm_started: bool = False
+    warm_start_skipped: str | None = None  # why a requested warm start fell back to training from scratch
 
 
 def _causal_windows(train: list[np.ndarray], max_len: int, latest_only: bool = False) -> list[np.ndarray]:
@@ -242,6 +243,26 @@ def validation_ndcg(
     return float(ndcg_at_k(ranked, np.asarray(targets)[keep], k).mean())
 
 
+def warm_start_mismatch(source_dir: Path, arch: Architecture) -> str | None:
+    """Why a saved model cannot seed a model of ``arch``, or None when it can.
+
+    Item rows are matched by id, so the catalogue may change; everything else that carries
+    weights (the stack's shape, the text projection's input width) must be the same.
+    """
+    old = Architecture(**json.loads((Path(source_dir) / ARCH_FILE).read_text()))
+    shape = ("kind", "hidden_size", "num_layers", "num_heads", "max_len")
+    if any(getattr(old, f) != getattr(arch, f) for f in shape):
+        theirs = ", ".join(f"{f}={getattr(old, f)}" for f in shape)
+        ours = ", ".join(f"{f}={getattr(arch, f)}" for f in shape)
+        return f"the production model has {theirs}, this run {ours} (model.*)"
+    if old.text_init != arch.text_init or (arch.text_init and old.text_dim != arch.text_dim):
+        return (
+            f"the production model has text_init={old.text_init} with {old.text_dim} item content columns, this run "
+            f"text_init={arch.text_init} with {arch.text_dim} (model.text_init, model.release_age)"
+        )
+    return None
+
+
 def warm_start_model(model: SequentialRecommender, source_dir: Path, index: ItemIndex) -> int:
     """Copy weights from a previous model, matching item rows by external item id.
 
@@ -249,11 +270,15 @@ def warm_start_model(model: SequentialRecommender, source_dir: Path, index: Item
 
     Returns:
         Number of item rows carried over.
+
+    Raises:
+        ValueError: The saved model's shape does not fit (see :func:`warm_start_mismatch`).
     """
+    reason = warm_start_mismatch(source_dir, model.arch)
+    if reason:
+        raise ValueError(f"cannot warm-start: {reason}")
     old = load_model(source_dir)
     old_ids = np.asarray(json.loads((source_dir / ITEM_IDS_FILE).read_text()), dtype=np.int64)
-    if old.arch.hidden_size != model.arch.hidden_size or old.arch.kind != model.arch.kind:
-        raise ValueError("warm start needs the same model.architecture and model.hidden_size as the production model")
     # Item-shaped tensors are remapped by id below (or recomputed from the new data: id_scale).
     state = {k: v for k, v in old.state_dict().items() if k not in ("text_embeddings", "id_embedding.weight", "id_scale")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -355,7 +380,12 @@ def train_sequential(
     model = SequentialRecommender(arch, text_embeddings if text_embeddings is not None else None)
     model.set_item_counts(split.train_item_counts(len(index)))
     warm = False
-    if init_from is not None:
+    warm_start_skipped = warm_start_mismatch(Path(init_from), arch) if init_from is not None else None
+    if warm_start_skipped:
+        # A config change (say model.release_age) makes the production weights unusable; the
+        # retraining loop must still produce a model, so it trains from scratch and says why.
+        log.warning("not warm-starting from %s, training from scratch: %s", init_from, warm_start_skipped)
+    elif init_from is not None:
         carried = warm_start_model(model, Path(init_from), index)
         warm = True
         log.info("warm start from %s: %d item rows carried over", init_from, carried)
@@ -495,6 +525,7 @@ def train_sequential(
         history=history,
         resumed_from_epoch=resumed_from,
         warm_started=warm,
+        warm_start_skipped=warm_start_skipped,
     )
 
 
