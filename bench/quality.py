@@ -416,6 +416,8 @@ def run_ml100k(args: argparse.Namespace) -> dict:
     seeds = args.seeds or [args.seed]
     model_cfg, train_cfg = _configs(args, max_len=args.max_len, text_init=True)
     trained = {}
+    main = _PAIRED[0] if model_cfg.release_age else "stratarec-text-only"
+    scratch_by_seed = {}  # the text model of each seed: the warm-start study's from-scratch model
     per_seed = []
     for seed in seeds:
         seed_cfg = train_cfg.model_copy(update={"seed": seed})
@@ -431,6 +433,8 @@ def run_ml100k(args: argparse.Namespace) -> dict:
             rep = evaluate_scorer(scorer, inputs, seen, split.test_targets, K, n, slices=slices)
             detail = cold_item_detail(scorer, inputs, seen, split.test_targets, counts, cold_items)
             row[name] = {"ndcg@10": rep["overall"]["ndcg@10"], "train_s": round(res.seconds, 1), **detail}
+            if name == main:
+                scratch_by_seed[seed] = (res, rep["overall"]["ndcg@10"])
             if seed != seeds[0]:
                 continue
             trained[name] = res
@@ -450,7 +454,6 @@ def run_ml100k(args: argparse.Namespace) -> dict:
                 },
             )
         per_seed.append(row)
-    main = _PAIRED[0] if model_cfg.release_age else "stratarec-text-only"
 
     def seed_hits(name: str) -> np.ndarray:
         return np.concatenate([np.asarray(r[name]["rank"]) <= K for r in per_seed])
@@ -466,11 +469,26 @@ def run_ml100k(args: argparse.Namespace) -> dict:
         "cold_items_pooled_test_text_only": paired_exact_test(seed_hits("stratarec-text-only"), seed_hits("stratarec-id-only")),
         "latency": inference_latency(ModelScorer(trained[main].model), inputs),
     }
-    out["warm_start"], early_text_model = warm_start_experiment(ordered, items, index, text, model_cfg, train_cfg, args)
-    out["temporal_cold_items"] = temporal_cold_items(ordered, items, index, text, early_text_model, model_cfg, train_cfg, args)
+    # Warm start and the temporal cold-item study at every seed: the warm start's base model
+    # (first 80% of the timeline) is the temporal study's text-init model.
+    warm_rows, studies = [], []
+    for seed in seeds:
+        seed_cfg = train_cfg.model_copy(update={"seed": seed})
+        suffix = "" if seed == seeds[0] else f"-seed{seed}"
+        scratch, scratch_ndcg = scratch_by_seed[seed]
+        warm, base = warm_start_experiment(ordered, items, index, text, model_cfg, seed_cfg, args, scratch, scratch_ndcg, suffix)
+        warm_rows.append({"seed": seed, **warm})
+        study = temporal_cold_items(ordered, items, index, text, base, model_cfg, seed_cfg, args, suffix=suffix)
+        studies.append({"seed": seed, **study})
+    out["warm_start"] = warm_rows[0]
+    out["warm_start_seeds"] = {
+        "per_seed": warm_rows,
+        "mean_relative_gap": float(np.mean([w["relative_gap"] for w in warm_rows])),
+        "mean_time_ratio": float(np.mean([w["time_ratio"] for w in warm_rows])),
+    }
+    out["temporal_cold_items"] = studies[0]
     if len(seeds) > 1:
-        first = out["temporal_cold_items"]
-        out["temporal_cold_items_seeds"] = temporal_cold_items_seeds(ordered, items, index, text, first, model_cfg, train_cfg, args)
+        out["temporal_cold_items_seeds"] = pool_temporal_studies(studies)
     return out
 
 
@@ -496,8 +514,16 @@ def cold_item_table(report: dict) -> list[dict]:
     return rows
 
 
-def warm_start_experiment(ordered, items, index, text, model_cfg, train_cfg, args) -> tuple[dict, SequentialRecommender]:
+def warm_start_experiment(
+    ordered, items, index, text, model_cfg, train_cfg, args, scratch, scratch_ndcg: float, suffix: str = ""
+) -> tuple[dict, SequentialRecommender]:
     """Train on the first 80% of the timeline, fine-tune on all of it; compare with from-scratch.
+
+    Args:
+        scratch: The text model trained from scratch on all of it with the same config and seed
+            (the main table's model: the same run, so it is not trained twice).
+        scratch_ndcg: Its test NDCG@10.
+        suffix: Checkpoint-name suffix (one per seed).
 
     Returns:
         The report, and the model trained on the first 80% (the temporal cold-item study reuses it).
@@ -510,25 +536,19 @@ def warm_start_experiment(ordered, items, index, text, model_cfg, train_cfg, arg
     n = len(index)
     early_split = _cap(split_from_events(early, index), args.max_history)
     early_content = _content(items, text, early, model_cfg)
-    base = train_sequential(early_split, index, early_content, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-base")
-    save_trained_model(base.model, index, Path(args.checkpoint_dir) / "warm-base-model")
+    ckpt = Path(args.checkpoint_dir)
+    base = train_sequential(early_split, index, early_content, model_cfg, train_cfg, ckpt / f"warm-base{suffix}")
+    save_trained_model(base.model, index, ckpt / f"warm-base-model{suffix}")
     split = _cap(split_from_events(ordered, index), args.max_history)
     inputs = split.test_inputs()
     full = split.full_histories()
     seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
     content = _content(items, text, ordered, model_cfg)
-    scratch = train_sequential(split, index, content, model_cfg, train_cfg, Path(args.checkpoint_dir) / "warm-scratch")
     warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs, "warm_start_lr_factor": args.warm_lr_factor})
     warm = train_sequential(
-        split,
-        index,
-        content,
-        model_cfg,
-        warm_cfg,
-        Path(args.checkpoint_dir) / "warm-ft",
-        init_from=Path(args.checkpoint_dir) / "warm-base-model",
+        split, index, content, model_cfg, warm_cfg, ckpt / f"warm-ft{suffix}", init_from=ckpt / f"warm-base-model{suffix}"
     )
-    s = evaluate_scorer(ModelScorer(scratch.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
+    s = scratch_ndcg
     w = evaluate_scorer(ModelScorer(warm.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
     return {
         "scratch_ndcg@10": s,
@@ -539,6 +559,8 @@ def warm_start_experiment(ordered, items, index, text, model_cfg, train_cfg, arg
         "time_ratio": warm.seconds / scratch.seconds if scratch.seconds else None,
         "scratch_epochs": scratch.epochs_run,
         "warm_epochs": warm.epochs_run,
+        "scratch_best_val_ndcg@10": scratch.best_val_ndcg,
+        "warm_best_val_ndcg@10": warm.best_val_ndcg,
         "cut": str(cut),
     }, base.model
 
@@ -706,30 +728,17 @@ def temporal_cold_items(
 _PAIRED = ("stratarec-text-init", "stratarec-id-only", "stratarec-text-only")
 
 
-def temporal_cold_items_seeds(ordered, items, index, text, first: dict, model_cfg, train_cfg, args) -> dict:
-    """The temporal cold-item study at every seed after the first, pooled with the first.
+def pool_temporal_studies(studies: list[dict]) -> dict:
+    """The temporal cold-item study of every seed, pooled.
 
     One seed's 664 cold cases gave text-init 12 hits with a discovery slot against ID-only's 5;
     a model's handful of cold hits moves with its seed, so the comparison is pooled over seeds
     (exact McNemar on the paired cases of every seed).
 
     Args:
-        first: :func:`temporal_cold_items` of the first seed (its text model is the warm-start base).
+        studies: :func:`temporal_cold_items` per seed, each with its ``seed``.
     """
     from stratarec.evaluation.metrics import paired_exact_test
-
-    seeds = args.seeds or [args.seed]
-    ts = ordered["event_timestamp"]
-    early_events = ordered[ts <= ts.quantile(0.8)]
-    early = _cap(split_from_events(early_events, index), args.max_history)
-    content = _content(items, text, early_events, model_cfg)
-    studies = [{"seed": seeds[0], **first}]
-    for seed in seeds[1:]:
-        cfg = train_cfg.model_copy(update={"seed": seed})
-        ckpt = Path(args.checkpoint_dir) / f"temporal-text-init-seed{seed}"
-        text_model = train_sequential(early, index, content, model_cfg, cfg, ckpt).model
-        study = temporal_cold_items(ordered, items, index, text, text_model, model_cfg, cfg, args, suffix=f"-seed{seed}")
-        studies.append({"seed": seed, **study})
 
     def pooled(key: str, a_name: str = _PAIRED[0], b_name: str = _PAIRED[1]) -> dict:
         a, b = [], []
@@ -932,6 +941,12 @@ def main() -> None:
         print("pooled over seeds, text only (A) vs ID-only (B):", json.dumps(report["cold_items_pooled_test_text_only"]))
     if "warm_start" in report:
         print("warm start:", json.dumps(report["warm_start"]))
+    if "warm_start_seeds" in report:
+        ws = report["warm_start_seeds"]
+        print("warm start per seed:")
+        cols = ["seed", "scratch_ndcg@10", "warm_ndcg@10", "relative_gap", "scratch_s", "warm_s", "time_ratio"]
+        print(text_table(ws["per_seed"], cols))
+        print(f"mean relative gap {ws['mean_relative_gap']:.4f}, mean time ratio {ws['mean_time_ratio']:.4f}")
     if "temporal_cold_items" in report:
         tc = report["temporal_cold_items"]
         print(

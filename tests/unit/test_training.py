@@ -15,7 +15,7 @@ from stratarec.baselines import MostPopular
 from stratarec.config import ModelConfig, TrainConfig
 from stratarec.evaluation.ranking import evaluate_scorer, rank_top_k
 from stratarec.sequences import ItemIndex, SequenceSplit
-from stratarec.training import ModelScorer, save_trained_model, train_sequential
+from stratarec.training import ModelScorer, save_trained_model, train_sequential, warm_start_model
 
 pytestmark = pytest.mark.unit
 
@@ -173,6 +173,25 @@ def test_warm_start_with_new_items(tmp_path):
     # New items are scorable (from text) and finite.
     scores = ModelScorer(warm.model).score(remapped.test_inputs()[:2])
     assert np.isfinite(scores[:, :5]).all()
+
+
+def test_warm_start_from_a_model_of_other_item_content_trains_from_scratch_and_says_why(tmp_path):
+    split = walk_split(n_users=40)
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    text = text_for()
+    cfg = FAST.model_copy(update={"epochs": 2, "warm_start_epochs": 1})
+    base = train_sequential(split, idx, text, SMALL, cfg, tmp_path / "ck0")
+    save_trained_model(base.model, idx, tmp_path / "prod")
+    # model.release_age switched on after the production model was trained: 10 more content columns.
+    wider = np.hstack([text, np.eye(N_ITEMS, 10, dtype=np.float32)])
+    res = train_sequential(split, idx, wider, SMALL, cfg, tmp_path / "ck1", init_from=tmp_path / "prod")
+    assert not res.warm_started and res.epochs_run == 2  # the from-scratch budget, not the warm one
+    assert "16 item content columns" in res.warm_start_skipped and "26" in res.warm_start_skipped
+    # Called directly, the weight copy refuses rather than loading mismatched weights.
+    with pytest.raises(ValueError, match="cannot warm-start: .*model.release_age"):
+        warm_start_model(res.model, tmp_path / "prod", idx)
+    same = train_sequential(split, idx, text, SMALL, cfg, tmp_path / "ck2", init_from=tmp_path / "prod")
+    assert same.warm_started and same.warm_start_skipped is None
 
 
 def test_cosine_schedule_by_hand():
