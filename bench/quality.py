@@ -417,7 +417,7 @@ def run_ml100k(args: argparse.Namespace) -> dict:
     model_cfg, train_cfg = _configs(args, max_len=args.max_len, text_init=True)
     trained = {}
     main = _PAIRED[0] if model_cfg.release_age else "stratarec-text-only"
-    scratch_by_seed = {}  # the text model of each seed: the warm-start study's from-scratch model
+    scratch_by_seed = {}  # (seed, name) -> the text models: the warm-start study's from-scratch models
     per_seed = []
     for seed in seeds:
         seed_cfg = train_cfg.model_copy(update={"seed": seed})
@@ -433,8 +433,8 @@ def run_ml100k(args: argparse.Namespace) -> dict:
             rep = evaluate_scorer(scorer, inputs, seen, split.test_targets, K, n, slices=slices)
             detail = cold_item_detail(scorer, inputs, seen, split.test_targets, counts, cold_items)
             row[name] = {"ndcg@10": rep["overall"]["ndcg@10"], "train_s": round(res.seconds, 1), **detail}
-            if name == main:
-                scratch_by_seed[seed] = (res, rep["overall"]["ndcg@10"])
+            if use_text:
+                scratch_by_seed[seed, name] = (res, rep["overall"]["ndcg@10"])
             if seed != seeds[0]:
                 continue
             trained[name] = res
@@ -469,23 +469,38 @@ def run_ml100k(args: argparse.Namespace) -> dict:
         "cold_items_pooled_test_text_only": paired_exact_test(seed_hits("stratarec-text-only"), seed_hits("stratarec-id-only")),
         "latency": inference_latency(ModelScorer(trained[main].model), inputs),
     }
-    # Warm start and the temporal cold-item study at every seed: the warm start's base model
-    # (first 80% of the timeline) is the temporal study's text-init model.
-    warm_rows, studies = [], []
+    # Warm start and the temporal cold-item study at every seed: the warm start's base models
+    # (first 80% of the timeline) are the temporal study's text models. With release age, the
+    # text-only model's warm start is measured too: the feature's cost to continual training.
+    warm_rows, warm_text_only, studies = [], [], []
     for seed in seeds:
         seed_cfg = train_cfg.model_copy(update={"seed": seed})
         suffix = "" if seed == seeds[0] else f"-seed{seed}"
-        scratch, scratch_ndcg = scratch_by_seed[seed]
+        scratch, scratch_ndcg = scratch_by_seed[seed, main]
         warm, base = warm_start_experiment(ordered, items, index, text, model_cfg, seed_cfg, args, scratch, scratch_ndcg, suffix)
         warm_rows.append({"seed": seed, **warm})
-        study = temporal_cold_items(ordered, items, index, text, base, model_cfg, seed_cfg, args, suffix=suffix)
+        text_only_base = None
+        if model_cfg.release_age:
+            scratch, scratch_ndcg = scratch_by_seed[seed, "stratarec-text-only"]
+            cfg = _variant_cfg(model_cfg, True, False)
+            warm, text_only_base = warm_start_experiment(
+                ordered, items, index, text, cfg, seed_cfg, args, scratch, scratch_ndcg, f"-text-only{suffix}"
+            )
+            warm_text_only.append({"seed": seed, **warm})
+        study = temporal_cold_items(ordered, items, index, text, base, model_cfg, seed_cfg, args, suffix, text_only_base)
         studies.append({"seed": seed, **study})
+
+    def summary(rows: list[dict]) -> dict:
+        return {
+            "per_seed": rows,
+            "mean_relative_gap": float(np.mean([w["relative_gap"] for w in rows])),
+            "mean_time_ratio": float(np.mean([w["time_ratio"] for w in rows])),
+        }
+
     out["warm_start"] = warm_rows[0]
-    out["warm_start_seeds"] = {
-        "per_seed": warm_rows,
-        "mean_relative_gap": float(np.mean([w["relative_gap"] for w in warm_rows])),
-        "mean_time_ratio": float(np.mean([w["time_ratio"] for w in warm_rows])),
-    }
+    out["warm_start_seeds"] = summary(warm_rows)
+    if warm_text_only:
+        out["warm_start_seeds_text_only"] = summary(warm_text_only)
     out["temporal_cold_items"] = studies[0]
     if len(seeds) > 1:
         out["temporal_cold_items_seeds"] = pool_temporal_studies(studies)
@@ -640,7 +655,16 @@ def _slice_ranks(scorer, cases: NextEventCases, pool: np.ndarray, k: int, batch:
 
 
 def temporal_cold_items(
-    ordered, items, index, text, text_model: SequentialRecommender, model_cfg, train_cfg, args, suffix: str = ""
+    ordered,
+    items,
+    index,
+    text,
+    text_model: SequentialRecommender,
+    model_cfg,
+    train_cfg,
+    args,
+    suffix: str = "",
+    text_only_model: SequentialRecommender | None = None,
 ) -> dict:
     """Cold items with enough events to read: train on the first 80% of the timeline, predict every later event.
 
@@ -669,7 +693,9 @@ def temporal_cold_items(
     id_model = train_sequential(early, index, None, id_cfg, train_cfg, Path(args.checkpoint_dir) / f"temporal-id-only{suffix}").model
     text_scorer = TextSimilarity(text)
     text_model_scorer = ModelScorer(text_model)
-    if model_cfg.release_age:
+    if model_cfg.release_age and text_only_model is not None:
+        text_only_scorer = ModelScorer(text_only_model)
+    elif model_cfg.release_age:
         text_only_cfg = _variant_cfg(model_cfg, True, False)
         ckpt = Path(args.checkpoint_dir) / f"temporal-text-only{suffix}"
         text_only_scorer = ModelScorer(train_sequential(early, index, text, text_only_cfg, train_cfg, ckpt).model)
@@ -945,6 +971,11 @@ def main() -> None:
         ws = report["warm_start_seeds"]
         print("warm start per seed:")
         cols = ["seed", "scratch_ndcg@10", "warm_ndcg@10", "relative_gap", "scratch_s", "warm_s", "time_ratio"]
+        print(text_table(ws["per_seed"], cols))
+        print(f"mean relative gap {ws['mean_relative_gap']:.4f}, mean time ratio {ws['mean_time_ratio']:.4f}")
+    if "warm_start_seeds_text_only" in report:
+        ws = report["warm_start_seeds_text_only"]
+        print("warm start per seed, text only (no release age):")
         print(text_table(ws["per_seed"], cols))
         print(f"mean relative gap {ws['mean_relative_gap']:.4f}, mean time ratio {ws['mean_time_ratio']:.4f}")
     if "temporal_cold_items" in report:
