@@ -50,3 +50,26 @@ def test_item_content_errors_name_the_problem():
         item_content(text, [1998, 1997], None)
     with pytest.raises(ValueError, match="3 rows, text embeddings 2"):
         item_content(text, [1998, 1997, 1996], 1998)
+
+
+def test_catalog_content_follows_the_config_and_the_data_window():
+    from stratarec.config import StrataConfig
+    from stratarec.steps import catalog_content
+
+    # Catalogue rows out of id order, as the feature store may return them; -1 = unknown year.
+    catalog = pd.DataFrame(
+        {
+            "item_id": [20, 10],
+            "release_year": [-1, 2019],
+            "text_embedding": [np.array([0.0, 1.0], np.float32), np.array([1.0, 0.0], np.float32)],
+        }
+    )
+    cfg = StrataConfig()
+    index, content = catalog_content(catalog, cfg, "2020-06-30T12:00:00+00:00")
+    assert index.to_ids(np.array([1, 2])).tolist() == [10, 20]
+    assert content.shape == (2, 2 + RELEASE_AGE_DIM)
+    np.testing.assert_array_equal(content[:, :2], [[1, 0], [0, 1]])
+    assert content[0, 2 + 1] == 1  # item 10: released 2019, one year before the 2020 window end
+    assert content[1, 2 + 9] == 1  # item 20: unknown
+    off = cfg.model_copy(update={"model": cfg.model.model_copy(update={"release_age": False})})
+    assert catalog_content(catalog, off, "2020-06-30")[1].shape == (2, 2)
