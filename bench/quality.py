@@ -693,14 +693,8 @@ def temporal_cold_items(
     id_model = train_sequential(early, index, None, id_cfg, train_cfg, Path(args.checkpoint_dir) / f"temporal-id-only{suffix}").model
     text_scorer = TextSimilarity(text)
     text_model_scorer = ModelScorer(text_model)
-    if model_cfg.release_age and text_only_model is not None:
-        text_only_scorer = ModelScorer(text_only_model)
-    elif model_cfg.release_age:
-        text_only_cfg = _variant_cfg(model_cfg, True, False)
-        ckpt = Path(args.checkpoint_dir) / f"temporal-text-only{suffix}"
-        text_only_scorer = ModelScorer(train_sequential(early, index, text, text_only_cfg, train_cfg, ckpt).model)
-    else:
-        text_only_scorer = text_model_scorer
+    # Without release age the text-init model is the text-only one.
+    text_only_scorer = ModelScorer(text_only_model) if text_only_model is not None else text_model_scorer
     fit = fit_text_expert(text_model_scorer, text_scorer, early.val_inputs(), early.val_targets)
     scorers = {
         "stratarec-text-init": text_model_scorer,
