@@ -26,6 +26,7 @@ import torch
 
 from stratarec.baselines import MostPopular, TextSimilarity, build_baselines
 from stratarec.config import ModelConfig, TrainConfig
+from stratarec.evaluation.metrics import paired_relative_gap
 from stratarec.evaluation.ranking import evaluate_scorer, scorer_target_ranks, target_ranks
 from stratarec.model.sequential import SequentialRecommender
 from stratarec.sequences import ItemIndex, NextEventCases, SequenceSplit, next_event_cases, split_from_events
@@ -114,6 +115,7 @@ def _configs(args: argparse.Namespace, max_len: int, text_init: bool) -> tuple[M
         batch_size=args.batch_size,
         learning_rate=args.lr,
         patience=args.patience,
+        val_smoothing=args.val_smoothing,
         max_minutes=args.budget_minutes,
         seed=args.seed,
         cpu_bf16=args.cpu_bf16,
@@ -360,6 +362,12 @@ def _ml100k_split(data_dir: Path, max_history: int):
     return ordered, items, index, text, max_history
 
 
+def _test_inputs(split: SequenceSplit) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each user's input before the test item, and the items excluded from their ranking."""
+    full = split.full_histories()
+    return split.test_inputs(), [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
+
+
 def _cap(split: SequenceSplit, max_history: int) -> SequenceSplit:
     """Mirror the feature store: training histories are the last ``max_history`` items."""
     split.train = [h[-max_history:] for h in split.train]
@@ -395,9 +403,7 @@ def run_ml100k(args: argparse.Namespace) -> dict:
     ordered, items, index, text, cap = _ml100k_split(Path(args.data_dir), args.max_history)
     n = len(index)
     split = _cap(split_from_events(ordered, index), cap)
-    inputs = split.test_inputs()
-    full = split.full_histories()
-    seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
+    inputs, seen = _test_inputs(split)
     counts = split.train_item_counts(n)
     cold_items = (split.test_targets > 0) & (counts[split.test_targets] <= 5)
     slices = {"cold_items": cold_items}
@@ -491,10 +497,13 @@ def run_ml100k(args: argparse.Namespace) -> dict:
         studies.append({"seed": seed, **study})
 
     def summary(rows: list[dict]) -> dict:
+        scratch_users, warm_users = zip(*(w.pop("_per_user_ndcg@10") for w in rows), strict=True)
         return {
             "per_seed": rows,
             "mean_relative_gap": float(np.mean([w["relative_gap"] for w in rows])),
             "mean_time_ratio": float(np.mean([w["time_ratio"] for w in rows])),
+            # One gap over all seeds' test users (user-resampled bootstrap): how sure the mean is.
+            "pooled_relative_gap": paired_relative_gap(np.stack(scratch_users), np.stack(warm_users)),
         }
 
     out["warm_start"] = warm_rows[0]
@@ -529,6 +538,16 @@ def cold_item_table(report: dict) -> list[dict]:
     return rows
 
 
+def _per_user_ndcg(model: SequentialRecommender, inputs, seen, targets: np.ndarray) -> np.ndarray:
+    """Test NDCG@10 of every user with a target, in user order (what evaluate_scorer averages)."""
+    from stratarec.evaluation.metrics import ndcg_at_k
+    from stratarec.evaluation.ranking import rank_top_k
+
+    keep = np.flatnonzero(np.asarray(targets) > 0)
+    ranked = rank_top_k(ModelScorer(model), [inputs[i] for i in keep], [seen[i] for i in keep], K)
+    return ndcg_at_k(ranked, np.asarray(targets)[keep], K)
+
+
 def warm_start_experiment(
     ordered, items, index, text, model_cfg, train_cfg, args, scratch, scratch_ndcg: float, suffix: str = ""
 ) -> tuple[dict, SequentialRecommender]:
@@ -555,17 +574,25 @@ def warm_start_experiment(
     base = train_sequential(early_split, index, early_content, model_cfg, train_cfg, ckpt / f"warm-base{suffix}")
     save_trained_model(base.model, index, ckpt / f"warm-base-model{suffix}")
     split = _cap(split_from_events(ordered, index), args.max_history)
-    inputs = split.test_inputs()
-    full = split.full_histories()
-    seen = [h[:-1] if t > 0 else h for h, t in zip(full, split.test_targets, strict=True)]
+    inputs, seen = _test_inputs(split)
     content = _content(items, text, ordered, model_cfg)
-    warm_cfg = train_cfg.model_copy(update={"warm_start_epochs": args.warm_epochs, "warm_start_lr_factor": args.warm_lr_factor})
+    warm_cfg = train_cfg.model_copy(
+        update={
+            "warm_start_epochs": args.warm_epochs,
+            "warm_start_lr_factor": args.warm_lr_factor,
+            "warm_start_lr_schedule": args.warm_lr_schedule,
+            "warm_start_new_item_neighbours": args.new_item_neighbours,
+        }
+    )
     warm = train_sequential(
         split, index, content, model_cfg, warm_cfg, ckpt / f"warm-ft{suffix}", init_from=ckpt / f"warm-base-model{suffix}"
     )
     s = scratch_ndcg
     w = evaluate_scorer(ModelScorer(warm.model), inputs, seen, split.test_targets, K, n)["overall"]["ndcg@10"]
+    per_user = [_per_user_ndcg(m, inputs, seen, split.test_targets) for m in (scratch.model, warm.model)]
     return {
+        "relative_gap_ci95": paired_relative_gap(*per_user)["ci95"],
+        "_per_user_ndcg@10": per_user,  # scratch, warm: pooled over seeds by run_ml100k, not written out
         "scratch_ndcg@10": s,
         "warm_ndcg@10": w,
         "relative_gap": (s - w) / s if s else None,
@@ -866,13 +893,20 @@ def latency_only(args: argparse.Namespace) -> None:
     _write_report(report, Path(args.out or f"bench/results/latency-{args.dataset}.json"))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line (exploration scripts reuse its defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-1m-sasrec", "ml-100k"], required=True)
     p.add_argument("--data-dir", default=os.environ.get("STRATAREC_DATA_DIR", "../shared/data"))
     p.add_argument("--budget-minutes", type=float, default=120.0)
     p.add_argument("--epochs", type=int, default=400)
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument(
+        "--val-smoothing",
+        type=int,
+        default=TrainConfig.model_fields["val_smoothing"].default,
+        help="early stopping follows the mean validation NDCG@10 of this many epochs (1: each epoch alone)",
+    )
     p.add_argument("--architecture", choices=["causal", "bidirectional"], default="causal")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -916,6 +950,18 @@ def main() -> None:
     )
     p.add_argument("--warm-epochs", type=int, default=10)
     p.add_argument("--warm-lr-factor", type=float, default=1.0)
+    p.add_argument(
+        "--new-item-neighbours",
+        type=int,
+        default=TrainConfig.model_fields["warm_start_new_item_neighbours"].default,
+        help="warm start: items without training events start from the mean ID row of this many content neighbours (0: zero)",
+    )
+    p.add_argument(
+        "--warm-lr-schedule",
+        choices=["constant", "cosine", "warmup_cosine"],
+        default=TrainConfig.model_fields["warm_start_lr_schedule"].default,
+        help="learning-rate schedule of the warm start's epochs (default: the library's)",
+    )
     p.add_argument("--curve-every", type=int, default=2)
     p.add_argument(
         "--checkpoint-dir",
@@ -931,7 +977,11 @@ def main() -> None:
     )
     p.add_argument("--out", default=None)
     p.add_argument("--latency-from", metavar="MODEL_DIR", help="only measure inference latency of a saved model (a checkpoint's best/)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.latency_from:
         return latency_only(args)
@@ -964,14 +1014,16 @@ def main() -> None:
     if "warm_start_seeds" in report:
         ws = report["warm_start_seeds"]
         print("warm start per seed:")
-        cols = ["seed", "scratch_ndcg@10", "warm_ndcg@10", "relative_gap", "scratch_s", "warm_s", "time_ratio"]
+        cols = ["seed", "scratch_ndcg@10", "warm_ndcg@10", "relative_gap", "relative_gap_ci95", "scratch_s", "warm_s", "time_ratio"]
         print(text_table(ws["per_seed"], cols))
         print(f"mean relative gap {ws['mean_relative_gap']:.4f}, mean time ratio {ws['mean_time_ratio']:.4f}")
+        print("pooled relative gap (95% bootstrap interval over users):", json.dumps(ws["pooled_relative_gap"]))
     if "warm_start_seeds_text_only" in report:
         ws = report["warm_start_seeds_text_only"]
         print("warm start per seed, text only (no release age):")
         print(text_table(ws["per_seed"], cols))
         print(f"mean relative gap {ws['mean_relative_gap']:.4f}, mean time ratio {ws['mean_time_ratio']:.4f}")
+        print("pooled relative gap (95% bootstrap interval over users):", json.dumps(ws["pooled_relative_gap"]))
     if "temporal_cold_items" in report:
         tc = report["temporal_cold_items"]
         print(

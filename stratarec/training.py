@@ -163,12 +163,15 @@ def _batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator, p
         yield batches[b]
 
 
+WARMUP_FRACTION = 0.1
+
+
 def scheduled_lr(base_lr: float, schedule: str, elapsed_s: float, budget_s: float, epoch_progress: float) -> float:
     """Learning rate under ``schedule`` at a point of the run.
 
     Args:
         base_lr: The peak (constant) learning rate.
-        schedule: ``"constant"`` or ``"cosine"``.
+        schedule: ``"constant"``, ``"cosine"`` or ``"warmup_cosine"``.
         elapsed_s: Training seconds so far (across resumes).
         budget_s: The run's time budget in seconds.
         epoch_progress: Fraction of the epoch budget done, fractional epochs included.
@@ -176,12 +179,18 @@ def scheduled_lr(base_lr: float, schedule: str, elapsed_s: float, budget_s: floa
     Returns:
         ``base_lr`` for a constant schedule; for a cosine one, ``base_lr`` annealed by the
         larger of the two progress fractions, so the rate reaches ~0 when the first budget ends.
+        ``warmup_cosine`` first rises linearly from 0 over the first ``WARMUP_FRACTION`` of the
+        progress, then anneals the same way over the rest.
     """
     if schedule == "constant":
         return base_lr
-    if schedule != "cosine":
-        raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule not in ("cosine", "warmup_cosine"):
+        raise ValueError(f"train.lr_schedule must be 'constant', 'cosine' or 'warmup_cosine', got {schedule!r}")
     progress = min(1.0, max(elapsed_s / budget_s if budget_s > 0 else 1.0, epoch_progress))
+    if schedule == "warmup_cosine":
+        if progress < WARMUP_FRACTION:
+            return base_lr * progress / WARMUP_FRACTION
+        progress = (progress - WARMUP_FRACTION) / (1.0 - WARMUP_FRACTION)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -263,10 +272,30 @@ def warm_start_mismatch(source_dir: Path, arch: Architecture) -> str | None:
     return None
 
 
-def warm_start_model(model: SequentialRecommender, source_dir: Path, index: ItemIndex) -> int:
+def init_rows_from_content_neighbours(model: SequentialRecommender, new_rows: np.ndarray, known_rows: np.ndarray, k: int) -> None:
+    """Set new items' ID rows to the mean ID row of their ``k`` nearest known items by content.
+
+    An ID row holds what the interactions say beyond the item's content. A new item has none
+    yet, and a zero row leaves it far shorter than the rows trained for dozens of epochs, so a
+    short fine-tune under-ranks it; its content neighbours' mean row is the best guess there is.
+    """
+    if k <= 0 or len(new_rows) == 0 or len(known_rows) == 0:
+        return
+    content = nn.functional.normalize(model.text_embeddings.float(), dim=1)
+    with torch.no_grad():
+        sim = content[torch.as_tensor(new_rows)] @ content[torch.as_tensor(known_rows)].T  # (new, known)
+        nearest = sim.topk(min(k, len(known_rows)), dim=1).indices
+        known = model.id_embedding.weight[torch.as_tensor(known_rows)]
+        model.id_embedding.weight[torch.as_tensor(new_rows)] = known[nearest].mean(dim=1)
+
+
+def warm_start_model(model: SequentialRecommender, source_dir: Path, index: ItemIndex, new_item_neighbours: int = 0) -> int:
     """Copy weights from a previous model, matching item rows by external item id.
 
-    Items new to the catalogue keep their zero ID row, so they start from text alone.
+    Items new to the catalogue, or that had no training events in the old model, start from
+    text: their ID row is zero, or with ``new_item_neighbours`` > 0 (text-init models only) the
+    mean ID row of that many trained items nearest in content
+    (:func:`init_rows_from_content_neighbours`).
 
     Returns:
         Number of item rows carried over.
@@ -289,6 +318,13 @@ def warm_start_model(model: SequentialRecommender, source_dir: Path, index: Item
     with torch.no_grad():
         src = old.id_embedding.weight
         model.id_embedding.weight[new_rows[keep]] = src[np.flatnonzero(keep) + 1]
+    if model.text_projection is not None:
+        # "New" also covers items already in the old catalogue that had no training events: an
+        # ID part weighted by id_scale = 0 never received a gradient, so the row is still zero.
+        trained = (old.id_scale[np.flatnonzero(keep) + 1] > 0).cpu().numpy()
+        known = new_rows[keep][trained]
+        fresh = np.setdiff1d(np.arange(1, model.arch.n_items + 1), known)
+        init_rows_from_content_neighbours(model, fresh, known, new_item_neighbours)
     return int(keep.sum())
 
 
@@ -386,7 +422,7 @@ def train_sequential(
         # retraining loop must still produce a model, so it trains from scratch and says why.
         log.warning("not warm-starting from %s, training from scratch: %s", init_from, warm_start_skipped)
     elif init_from is not None:
-        carried = warm_start_model(model, Path(init_from), index)
+        carried = warm_start_model(model, Path(init_from), index, train_cfg.warm_start_new_item_neighbours)
         warm = True
         log.info("warm start from %s: %d item rows carried over", init_from, carried)
     model.to(device)
@@ -397,6 +433,7 @@ def train_sequential(
     # the arithmetic is; the small encoder matmuls gain nothing from casting.
     cpu_bf16 = device.type == "cpu" and train_cfg.mixed_precision and train_cfg.cpu_bf16 and cpu_has_bf16()
     max_epochs = train_cfg.warm_start_epochs if warm else train_cfg.epochs
+    schedule = train_cfg.warm_start_lr_schedule if warm else train_cfg.lr_schedule
 
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -408,7 +445,10 @@ def train_sequential(
         "seed": train_cfg.seed,
         "n_users": len(split.users),
         "warm": warm,
-        "lr_schedule": train_cfg.lr_schedule,
+        "lr_schedule": schedule,
+        "val_smoothing": train_cfg.val_smoothing,
+        "history_windows": train_cfg.history_windows,
+        "new_item_neighbours": train_cfg.warm_start_new_item_neighbours if warm else 0,
         "data": _data_fingerprint(split, validation),
     }
     history: list[dict] = []
@@ -454,9 +494,9 @@ def train_sequential(
         t0 = time.monotonic()
         total, batches = 0.0, 0
         for batch_idx in _batches(window_lengths, train_cfg.batch_size, generator):
-            if train_cfg.lr_schedule != "constant":
+            if schedule != "constant":
                 done = (epoch - 1 + batches / n_batches) / max_epochs
-                rate = scheduled_lr(lr, train_cfg.lr_schedule, time.monotonic() - began, budget, done)
+                rate = scheduled_lr(lr, schedule, time.monotonic() - began, budget, done)
                 for group in optimizer.param_groups:
                     group["lr"] = rate
             chunk = [windows[i] for i in batch_idx]
@@ -481,15 +521,20 @@ def train_sequential(
             total += loss.item()
             batches += 1
         ndcg = validation_ndcg(model, val_inputs, val_targets, device)
-        improved = ndcg > best_ndcg
+        # The choice follows a moving average: a single epoch's NDCG@10 is too noisy to pick a model by.
+        recent = [h["val_ndcg@10"] for h in history[-(train_cfg.val_smoothing - 1) :]] if train_cfg.val_smoothing > 1 else []
+        smoothed = float(np.mean([*recent, ndcg]))
+        improved = smoothed > best_ndcg
         if improved:
-            best_ndcg, best_epoch, stale = ndcg, epoch, 0
+            best_ndcg, best_epoch, stale = smoothed, epoch, 0
             save_model(model, checkpoint_dir / "best")
         else:
             stale += 1
         elapsed = time.monotonic() - began
         stats = {"epoch": epoch, "loss": total / max(batches, 1), "val_ndcg@10": ndcg, "seconds": time.monotonic() - t0, "elapsed": elapsed}
-        if train_cfg.lr_schedule != "constant":
+        if train_cfg.val_smoothing > 1:
+            stats["val_ndcg@10_smoothed"] = smoothed
+        if schedule != "constant":
             stats["lr"] = optimizer.param_groups[0]["lr"]
         if on_epoch_end is not None:
             model.eval()
@@ -517,7 +562,8 @@ def train_sequential(
     best = load_model(checkpoint_dir / "best", device) if (checkpoint_dir / "best").exists() else model.eval()
     return TrainResult(
         model=best,
-        best_val_ndcg=best_ndcg,
+        # The chosen epoch's own score (the smoothed one it was chosen by is in the history).
+        best_val_ndcg=history[best_epoch - 1]["val_ndcg@10"] if best_epoch else best_ndcg,
         best_epoch=best_epoch,
         epochs_run=epoch,
         seconds=time.monotonic() - began,

@@ -12,6 +12,7 @@ from stratarec.evaluation.metrics import (
     ndcg_at_k,
     novelty,
     paired_exact_test,
+    paired_relative_gap,
     ratio_estimate,
     recall_at_k,
 )
@@ -156,3 +157,20 @@ def test_paired_exact_test_by_hand():
 def test_paired_exact_test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="equally long"):
         paired_exact_test(np.zeros(3), np.zeros(4))
+
+
+def test_paired_relative_gap_by_hand():
+    ref = np.array([0.5, 0.0, 1.0, 0.5])
+    # A candidate at exactly 90% of the reference on every user is 10% short on every resample.
+    got = paired_relative_gap(ref, 0.9 * ref)
+    assert got["gap"] == pytest.approx(0.1) and got["ci95"] == pytest.approx((0.1, 0.1)) and got["n_users"] == 4
+    # Sums 2.0 against 1.5: 25% short; the interval spans the users' disagreement.
+    cand = np.array([0.5, 0.5, 0.0, 0.5])
+    got = paired_relative_gap(ref, cand)
+    assert got["gap"] == pytest.approx(0.25)
+    assert got["ci95"][0] < 0.25 < got["ci95"][1]
+    # Two runs (rows): user columns resample together, and the gap pools the runs' sums.
+    two = paired_relative_gap(np.stack([ref, ref]), np.stack([0.9 * ref, ref]))
+    assert two["gap"] == pytest.approx(0.05) and two["ci95"] == pytest.approx((0.05, 0.05))
+    with pytest.raises(ValueError, match="same shape"):
+        paired_relative_gap(ref, cand[:3])

@@ -175,6 +175,25 @@ def test_warm_start_with_new_items(tmp_path):
     assert np.isfinite(scores[:, :5]).all()
 
 
+def test_new_item_rows_start_from_their_content_neighbours_by_hand():
+    from stratarec.model.sequential import Architecture, SequentialRecommender
+    from stratarec.training import init_rows_from_content_neighbours
+
+    arch = Architecture(
+        n_items=5, text_dim=2, kind="causal", hidden_size=4, num_layers=1, num_heads=1, dropout=0.0, max_len=4, text_init=True
+    )
+    # Items 1-3 are known, 4 and 5 new. Item 4 points the way of items 1 and 2, item 5 the way of item 3.
+    content = np.array([[1, 0], [0.9, 0.1], [0, 1], [1, 0.05], [0.1, 1]], dtype=np.float32)
+    model = SequentialRecommender(arch, content)
+    with torch.no_grad():
+        model.id_embedding.weight[1:4] = torch.tensor([[1.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 0, 8.0]])
+    init_rows_from_content_neighbours(model, np.array([4, 5]), np.array([1, 2, 3]), k=2)
+    rows = model.id_embedding.weight.detach().numpy()
+    np.testing.assert_allclose(rows[4], [2.0, 0, 0, 0])  # mean of items 1 and 2
+    np.testing.assert_allclose(rows[5], [1.5, 0, 0, 4.0])  # mean of items 3 and 2 (the next nearest)
+    np.testing.assert_allclose(rows[1:4], [[1, 0, 0, 0], [3, 0, 0, 0], [0, 0, 0, 8]])  # known rows untouched
+
+
 def test_warm_start_from_a_model_of_other_item_content_trains_from_scratch_and_says_why(tmp_path):
     split = walk_split(n_users=40)
     idx = ItemIndex(np.arange(1, N_ITEMS + 1))
@@ -207,6 +226,17 @@ def test_cosine_schedule_by_hand():
         scheduled_lr(1e-3, "linear", 0.0, 1.0, 0.0)
 
 
+def test_warmup_cosine_schedule_by_hand():
+    from stratarec.training import scheduled_lr
+
+    # The first tenth of the progress rises linearly: at 0.05, half the peak.
+    assert scheduled_lr(1e-3, "warmup_cosine", 0.0, 100.0, 0.05) == pytest.approx(5e-4)
+    assert scheduled_lr(1e-3, "warmup_cosine", 0.0, 100.0, 0.1) == pytest.approx(1e-3)
+    # The rest is a cosine over the other nine tenths: progress 0.55 is its midpoint.
+    assert scheduled_lr(1e-3, "warmup_cosine", 0.0, 100.0, 0.55) == pytest.approx(5e-4)
+    assert scheduled_lr(1e-3, "warmup_cosine", 100.0, 100.0, 0.0) == pytest.approx(0.0)
+
+
 def test_cosine_run_anneals_to_zero_by_its_last_epoch(tmp_path):
     split = walk_split(n_users=160)  # 160 windows of batch 64: 3 batches per epoch
     cfg = FAST.model_copy(update={"epochs": 3, "lr_schedule": "cosine", "max_minutes": 60.0})
@@ -215,6 +245,32 @@ def test_cosine_run_anneals_to_zero_by_its_last_epoch(tmp_path):
     assert rates[0] > rates[1] > rates[2]
     # The last batch runs at progress (2 + 2/3) / 3, so at 0.5 * (1 + cos(8pi/9)) = 0.030 of the peak.
     assert rates[2] == pytest.approx(cfg.learning_rate * 0.5 * (1 + np.cos(8 * np.pi / 9)), rel=1e-6)
+
+
+def test_best_model_is_chosen_by_the_moving_average_of_validation(tmp_path):
+    split = walk_split(n_users=80)
+    cfg = FAST.model_copy(update={"epochs": 6, "val_smoothing": 3})
+    res = train_sequential(split, ItemIndex(np.arange(1, N_ITEMS + 1)), text_for(), SMALL, cfg, tmp_path / "ck")
+    raw = np.array([h["val_ndcg@10"] for h in res.history])
+    smoothed = np.array([h["val_ndcg@10_smoothed"] for h in res.history])
+    # Epoch e averages epochs max(1, e - 2)..e.
+    expected = [raw[max(0, i - 2) : i + 1].mean() for i in range(len(raw))]
+    np.testing.assert_allclose(smoothed, expected, rtol=0, atol=1e-12)
+    assert res.best_epoch == int(np.argmax(smoothed)) + 1  # first epoch of the best average
+    assert res.best_val_ndcg == raw[res.best_epoch - 1]  # reported: the chosen model's own score
+
+
+def test_warm_start_follows_its_own_schedule(tmp_path):
+    """lr_schedule governs training from scratch, warm_start_lr_schedule a warm start's epochs."""
+    split = walk_split(n_users=160)
+    idx = ItemIndex(np.arange(1, N_ITEMS + 1))
+    base = train_sequential(split, idx, text_for(), SMALL, FAST.model_copy(update={"epochs": 1}), tmp_path / "base")
+    save_trained_model(base.model, idx, tmp_path / "prod")
+    assert "lr" not in base.history[0]  # constant from scratch
+    cfg = FAST.model_copy(update={"warm_start_epochs": 2, "warm_start_lr_schedule": "cosine", "max_minutes": 60.0})
+    warm = train_sequential(split, idx, text_for(), SMALL, cfg, tmp_path / "warm", init_from=tmp_path / "prod")
+    # Last batch of epoch 2 of 2 (3 batches an epoch): progress 5/6, rate 0.5 * (1 + cos(5pi/6)) of the peak.
+    assert warm.history[-1]["lr"] == pytest.approx(cfg.learning_rate * 0.5 * (1 + np.cos(5 * np.pi / 6)), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["causal", "bidirectional"])
