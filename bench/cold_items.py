@@ -76,6 +76,11 @@ def main() -> None:
         "per_seed": pooled["per_seed"],
         "pooled_top10": pooled["pooled_top10"],
         "pooled_slot": pooled["pooled_slot"],
+        # Which cold cases each model hit, per seed: any subset of seeds can be re-pooled from these.
+        "hit_cases": [
+            {"seed": st["seed"], "cold_cases": st["cold_cases"], **{k: st[k] for k in ("cold_hit_cases", "cold_slot_hit_cases")}}
+            for st in studies
+        ],
         "wall_seconds": time.perf_counter() - started,
         "args": vars(args),
     }
