@@ -207,8 +207,8 @@ class TrainConfig(_Strict):
     warm_start_new_item_neighbours: int = Field(
         10,
         ge=0,
-        description="A warm start gives each item new to the catalogue the mean ID row of this many carried-over items "
-        "nearest in item content (text-init models); 0 leaves new items' ID rows at zero.",
+        description="A warm start gives each item new to the catalogue, or without training events in the old model, the "
+        "mean ID row of this many trained items nearest in item content (text-init models); 0 leaves those rows at zero.",
     )
     num_threads: int | None = None
     lr_schedule: Literal["constant", "cosine", "warmup_cosine"] = Field(
